@@ -1,0 +1,1 @@
+"""Convert Hugging Face checkpoints to MLX."""
