@@ -169,8 +169,13 @@ class RotatingKVCache:
         return [] if self.keys is None else [self.keys, self.values]
 
     def trim(self, num_tokens: int) -> int:
-        """Rotating caches cannot forget positions they may have overwritten: trim nothing."""
-        return 0
+        """Forget the last positions, possible only while nothing has been overwritten."""
+        if self.offset > self.window:
+            return 0  # the ring has wrapped: the positions before them are gone
+        num_tokens = min(num_tokens, self.offset)
+        self.offset -= num_tokens
+        self._filled -= num_tokens
+        return num_tokens
 
     @property
     def nbytes(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,7 @@ class _LimitExceeded(Exception):
 
 
 # The limits of the render running in this thread/task; hooks on the shared environment read it.
+_DIGIT_RUNS = re.compile(r"\d+")
 _active_limits: contextvars.ContextVar[RenderLimits] = contextvars.ContextVar("_active_limits")
 
 
@@ -64,16 +66,41 @@ def _check_size(value: Any) -> Any:
     return value
 
 
+def _limit() -> int:
+    return _active_limits.get(DEFAULT_RENDER_LIMITS).max_output_chars
+
+
+def _precheck_str_op(name: str, text: str, args: Sequence[Any]) -> None:
+    """Refuse a str operation whose result would pass the size limit, before C code allocates it:
+    widths (center, zfill, ``%0*d``, ``{:>N}``), ``replace`` growth and ``join`` totals."""
+    limit = _limit()
+    if any(isinstance(a, int) and a > limit for a in args):
+        raise _LimitExceeded(f"a string operation argument exceeds {limit}")
+    if name in ("format", "format_map", "%"):
+        if any(len(d) > len(str(limit)) or int(d) > limit for d in _DIGIT_RUNS.findall(text)):
+            raise _LimitExceeded(f"a format width exceeds {limit}")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        num_hits = text.count(args[0]) if args[0] else len(text) + 1
+        if len(text) + num_hits * max(0, len(args[1]) - len(args[0])) > limit:
+            raise _LimitExceeded(f"a replace result would exceed {limit} characters")
+    elif name == "join" and args and isinstance(args[0], (list, tuple)):
+        items = args[0]
+        if len(text) * len(items) + sum(len(x) for x in items if isinstance(x, str)) > limit:
+            raise _LimitExceeded(f"a join result would exceed {limit} characters")
+
+
 def _check_binop(operator: str, left: Any, right: Any) -> None:
-    """Refuse ``seq * n`` and ``a ** b`` whose result would be huge, before computing it."""
-    limit = _active_limits.get(DEFAULT_RENDER_LIMITS).max_output_chars
+    """Refuse ``seq * n``, ``a ** b`` and ``fmt % args`` whose result would be huge, before computing it."""
+    limit = _limit()
     if operator == "*":
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
                 raise _LimitExceeded(f"a repeated sequence would exceed {limit} items")
-    if operator == "**" and isinstance(left, int) and isinstance(right, (int, float)) and abs(left) > 1:
+    elif operator == "**" and isinstance(left, int) and isinstance(right, (int, float)) and abs(left) > 1:
         if right * abs(left).bit_length() > 100_000:
             raise _LimitExceeded("an integer power is too large")
+    elif operator == "%" and isinstance(left, str):
+        _precheck_str_op("%", left, right if isinstance(right, tuple) else (right,))
 
 
 class _CheckedCodeGenerator(CodeGenerator):
@@ -115,11 +142,10 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         return _check_size(super().call_binop(context, operator, left, right))
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-        limit = _active_limits.get(DEFAULT_RENDER_LIMITS).max_output_chars
-        # str.center/ljust/zfill/format-width etc. allocate their int argument up front.
-        if isinstance(getattr(obj, "__self__", None), str):
-            if any(isinstance(a, int) and a > limit for a in (*args, *kwargs.values())):
-                raise _LimitExceeded(f"a string method argument exceeds {limit}")
+        method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format in a function
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, str):  # str.center/zfill/format/replace/join allocate up front
+            _precheck_str_op(getattr(method, "__name__", ""), owner, (*args, *kwargs.values()))
         for arg in (*args, *kwargs.values()):
             _check_size(arg)
         return _check_size(super().call(context, obj, *args, **kwargs))
@@ -135,6 +161,8 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
     # Same signature and output as transformers' override: no HTML escaping, unicode kept.
+    if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
+        raise _LimitExceeded("tojson indent is too large")
     return _check_size(json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
 
 
@@ -142,26 +170,53 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _width_checked(filter_func: Any) -> Any:
-    @functools.wraps(filter_func)
-    def checked(value: Any, width: Any = 80, *args: Any, **kwargs: Any) -> Any:
-        lines = str(value).count("\n") + 1
-        if isinstance(width, int) and width * lines > _active_limits.get(DEFAULT_RENDER_LIMITS).max_output_chars:
-            raise _LimitExceeded("a padding width is too large")
-        return _check_size(filter_func(value, width, *args, **kwargs))
+def _guarded_filters(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """Size-checked versions of the builtin filters that can allocate far more than their input."""
+    center, indent, fmt, replace, join = (filters[n] for n in ("center", "indent", "format", "replace", "join"))
 
-    return checked
+    def checked_center(value: Any, width: int = 80) -> str:
+        _precheck_str_op("center", "", (width,))
+        return center(value, width)
+
+    def checked_indent(value: Any, width: Any = 4, first: bool = False, blank: bool = False) -> str:
+        num_lines = str(value).count("\n") + 1
+        pad = width if isinstance(width, int) else len(str(width))
+        _precheck_str_op("indent", "", (pad * num_lines + len(str(value)),))
+        return indent(value, width, first, blank)
+
+    def checked_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _precheck_str_op("format", str(value), (*args, *kwargs.values()))
+        return _check_size(fmt(value, *args, **kwargs))
+
+    @jinja2.pass_eval_context
+    def checked_replace(eval_ctx: Any, value: Any, old: str, new: str, count: int | None = None) -> str:
+        _precheck_str_op("replace", str(value), (str(old), str(new)))
+        return replace(eval_ctx, value, old, new, count)
+
+    @jinja2.pass_eval_context
+    def checked_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+        items = _check_size(list(value))
+        _precheck_str_op("join", str(d), (items,))
+        return _check_size(join(eval_ctx, items, d, attribute))
+
+    return {"center": checked_center, "indent": checked_indent, "format": checked_format,
+            "replace": checked_replace, "join": checked_join}
+
+
+def _template_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    # A plain function instead of the ``dict`` type, so templates cannot reach type attributes.
+    return dict(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> _ChatTemplateEnvironment:
     env = _ChatTemplateEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.filters["center"] = _width_checked(env.filters["center"])
-    env.filters["indent"] = _width_checked(env.filters["indent"])
+    env.filters.update(_guarded_filters(env.filters))
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _TemplateNamespace
+    env.globals["dict"] = _template_dict
     return env
 
 

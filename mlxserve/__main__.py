@@ -1,0 +1,3 @@
+from mlxserve.cli import app
+
+app(prog_name="mlxserve")

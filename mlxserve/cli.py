@@ -1,0 +1,206 @@
+"""The ``mlxserve`` command line: generate, chat, convert.
+
+Heavy imports (mlx, the converter) happen inside each command so ``mlxserve --help`` is instant.
+Every user error ends as one line on stderr and a non-zero exit, never a traceback
+(set MLXSERVE_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from mlxserve.errors import MlxServeError
+
+app = typer.Typer(
+    name="mlxserve",
+    help="Run, serve and fine-tune large language models on Apple Silicon with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_errors(fn: Callable) -> Callable:
+    """Turn exceptions into one-line messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MlxServeError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("MLXSERVE_DEBUG"):
+                raise
+            fail(f"internal error ({type(e).__name__}: {e}); rerun with MLXSERVE_DEBUG=1 for details",
+                 EXIT_INTERNAL_ERROR)
+
+    return wrapper
+
+
+MODEL_HELP = "Model folder (Hugging Face or MLX layout) or Hugging Face repo id."
+
+
+@app.command()
+@cli_errors
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or '-' to read it from stdin."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Wrap the prompt in the model's chat template (default: when it has one)."
+    ),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System message (with --chat)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set with this mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise recent tokens (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same output."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Cap the KV cache (tokens); older ones rotate out."),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print speed and memory to stderr."),
+) -> None:
+    """Generate text from a prompt, streamed to stdout; speed and peak memory go to stderr."""
+    from mlxserve.api import load, stream_generate
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    model_obj, tokenizer = load(model)
+    use_chat = tokenizer.has_chat_template if chat is None else chat
+    if use_chat and not tokenizer.has_chat_template:
+        fail("this model has no chat template; drop --chat")
+    request = _chat_messages(text, system) if use_chat else text
+    last = None
+    for response in stream_generate(
+        model_obj, tokenizer, request, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), max_kv_size=max_kv_size,
+    ):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+        last = response
+    sys.stdout.write("\n")
+    if verbose and last is not None:
+        _print_stats(last)
+
+
+def _chat_messages(text: str, system: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": text}]
+
+
+def _print_stats(last) -> None:
+    typer.echo("=" * 10, err=True)
+    typer.echo(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens-per-sec", err=True)
+    typer.echo(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens-per-sec", err=True)
+    typer.echo(f"Peak memory: {last.peak_memory_gb:.3f} GB", err=True)
+
+
+@app.command()
+@cli_errors
+def chat(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System message for the conversation."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Cap the KV cache (tokens)."),
+) -> None:
+    """Interactive multi-turn chat. The KV cache is kept between turns. /reset clears, /exit quits."""
+    from mlxserve.chat_session import ChatSession
+
+    from mlxserve.api import load
+
+    model_obj, tokenizer = load(model)
+    if not tokenizer.has_chat_template:
+        fail("this model has no chat template, so it cannot chat; use `mlxserve generate`")
+    session = ChatSession(
+        model_obj, tokenizer, system=system, max_kv_size=max_kv_size,
+        sampling=dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed),
+    )
+    session.run(input_fn=_read_line, write=_write)
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+@cli_errors
+def convert(
+    source: str = typer.Argument(..., help="Hugging Face model folder or hub repo id."),
+    output: Path = typer.Option(..., "--output", "-o", "--mlx-path", help="Folder to create (must not exist)."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights sharing one scale: 32, 64 or 128."),
+    q_mode: str = typer.Option("affine", "--q-mode", help="affine, mxfp4, nvfp4 or mxfp8."),
+    quant_recipe: Optional[str] = typer.Option(
+        None, "--quant-recipe",
+        help="Mixed precision: uniform, high-embed, mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, mixed_4_8, "
+        "or a JSON file mapping module-path regexes to {bits, group_size} or false.",
+    ),
+    no_quantize: bool = typer.Option(False, "--no-quantize", help="Keep full precision (cast with --dtype)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: the source's)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    verify: Optional[bool] = typer.Option(
+        None, "--verify/--no-verify", help="Compare output logits with the source (default: for models under 2 GiB)."
+    ),
+) -> None:
+    """Convert a Hugging Face checkpoint to MLX (4-bit by default); loads in mlx-lm too."""
+    from mlxserve.convert import ConvertConfig, QuantSpec
+    from mlxserve.convert import convert as run_convert
+    from mlxserve.progress import byte_progress
+
+    cfg = ConvertConfig(
+        source=source, output=output, revision=revision, quantize=not no_quantize,
+        quant=QuantSpec(bits=q_bits, group_size=q_group_size, mode=q_mode), recipe=quant_recipe,
+        dtype=dtype, overwrite=overwrite, verify=verify,
+    )
+    report = run_convert(cfg, progress=byte_progress)
+    _print_convert_report(report)
+
+
+def _print_convert_report(report) -> None:
+    size_mb = report.output_bytes / 2**20
+    quant = report.quantization
+    how = f"{quant['bits']}-bit {quant['mode']}, group {quant['group_size']}" if quant else "not quantized"
+    typer.echo(f"Converted {report.model_type} ({report.num_parameters / 1e6:.1f}M parameters, {how})", err=True)
+    typer.echo(f"  {report.bits_per_weight:.2f} bits per weight, {size_mb:.1f} MiB, {report.seconds:.1f} s", err=True)
+    if report.verify is not None:
+        v = report.verify
+        typer.echo(
+            f"  verify: max |logit diff| {v.max_abs_diff:.4g}, mean KL {v.mean_kl:.4g}, "
+            f"top-1 agreement {v.top1_agreement:.1%} over {v.num_positions} positions", err=True,
+        )
+    typer.echo(str(report.output))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m mlxserve`
+    app()
