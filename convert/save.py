@@ -31,7 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxserve.errors import ConvertError, CorruptCheckpointError, MlxServeError
-from mlxserve.io.safetensors import write_safetensors
+from mlxserve.io.safetensors import fsync_fd, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "mlxserve_manifest.json"
@@ -169,7 +169,10 @@ def _small_files(
     except (TypeError, ValueError) as e:
         raise ConvertError(f"config is not JSON serializable: {e}") from e
     sources = [(Path(p).name, Path(p)) for p in tokenizer_files]
-    extras = [(n, c.encode("utf-8") if isinstance(c, str) else bytes(c)) for n, c in (extra_files or {}).items()]
+    extras = [
+        (name, data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        for name, data in (extra_files or {}).items()
+    ]
     for name, content in sources + extras:
         if not _is_plain_name(name) or name in _RESERVED_NAMES or name.endswith(".safetensors"):
             raise ConvertError(f"cannot write an extra file named {name!r} into the model folder")
@@ -269,7 +272,7 @@ def _write_file(path: Path, data: bytes, progress: ProgressFn | None = None) -> 
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        fsync_fd(f.fileno())
     if progress is not None:
         progress(len(data))
     return FileRecord(size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -287,7 +290,7 @@ def _copy_file(src: Path, dst: Path, progress: ProgressFn | None) -> FileRecord:
             if progress is not None:
                 progress(len(chunk))
         fout.flush()
-        os.fsync(fout.fileno())
+        fsync_fd(fout.fileno())
     return FileRecord(size=size, sha256=hasher.hexdigest())
 
 

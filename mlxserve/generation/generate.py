@@ -97,7 +97,6 @@ def stream_generate(
 def _responses(steps, detok, params, stop_ids, num_prompt) -> Iterator[GenerationResponse]:
     """Turn token steps into text responses, applying stop tokens, stop strings and max_tokens."""
     mx.reset_peak_memory()
-    start = time.perf_counter()
     gen_start = None
     for n, step in enumerate(steps, start=1):
         gen_start = gen_start or time.perf_counter()

@@ -27,6 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import mlx.core as mx
 import numpy as np
 
@@ -426,6 +431,8 @@ def write_safetensors(
     so the writer itself holds about one tensor at a time. Evaluated arrays stay in memory while the
     caller references them: pass a dict you own with ``consume=True`` to pop each entry once written.
     ``on_write`` sees every chunk written (for hashing and progress). Returns the file size in bytes.
+    Not atomic by itself: a failure leaves a partial file (``convert.save`` writes into a staging
+    folder for that reason).
     """
     if consume and not isinstance(tensors, MutableMapping):
         raise TypeError("consume=True needs a mutable mapping")
@@ -447,8 +454,20 @@ def write_safetensors(
                 del tensors[name]  # type: ignore[attr-defined]  # caller passed a MutableMapping
         f.flush()
         if fsync:
-            os.fsync(f.fileno())
+            fsync_fd(f.fileno())
     return total
+
+
+def fsync_fd(fd: int) -> None:
+    """Flush ``fd`` to stable storage. On macOS plain fsync stops at the drive's cache: use F_FULLFSYNC."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None) if fcntl is not None else None
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError:
+            pass  # not supported by this filesystem: fall back to fsync
+    os.fsync(fd)
 
 
 def _host_bytes(arr: mx.array) -> memoryview:

@@ -50,24 +50,25 @@ class RenderLimits:
 DEFAULT_RENDER_LIMITS = RenderLimits()
 
 
-class _LimitExceeded(Exception):
-    """Raised inside the template's frames when a render limit is hit."""
+class _LimitExceeded(BaseException):
+    """Raised inside the template's frames when a render limit is hit. A BaseException, so no
+    ``except Exception`` in jinja or in a filter can swallow it (a raising trace hook is removed
+    by Python, so a swallowed timeout would leave the loop unbounded)."""
 
 
-# The limits of the render running in this thread/task; hooks on the shared environment read it.
 _DIGIT_RUNS = re.compile(r"\d+")
+# The limits of the render running in this thread/task; hooks on the shared environment read it.
 _active_limits: contextvars.ContextVar[RenderLimits] = contextvars.ContextVar("_active_limits")
-
-
-def _check_size(value: Any) -> Any:
-    limits = _active_limits.get(DEFAULT_RENDER_LIMITS)
-    if isinstance(value, (str, list, tuple, dict)) and len(value) > limits.max_output_chars:
-        raise _LimitExceeded(f"a value grew past {limits.max_output_chars} items")
-    return value
 
 
 def _limit() -> int:
     return _active_limits.get(DEFAULT_RENDER_LIMITS).max_output_chars
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > _limit():
+        raise _LimitExceeded(f"a value grew past {_limit()} items")
+    return value
 
 
 def _precheck_str_op(name: str, text: str, args: Sequence[Any]) -> None:
@@ -159,11 +160,14 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Same signature and output as transformers' override: no HTML escaping, unicode kept.
     if isinstance(indent, int) and indent > 64 or isinstance(indent, str) and len(indent) > 64:
         raise _LimitExceeded("tojson indent is too large")
-    return _check_size(json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+    text = json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return _check_size(text)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -225,6 +229,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
     """Compile (and cache by source text) a chat template. Syntax errors -> TemplateError."""
     try:
         return _environment().from_string(source)
+    except _LimitExceeded as e:  # jinja folds constant filter calls at compile time
+        raise TemplateError(f"chat template aborted: {e}") from None
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template syntax error at line {e.lineno}: {_one_line(e.message)}") from None
     except Exception as e:  # the compiler may fail on exotic input (RecursionError, ...)
@@ -274,6 +280,8 @@ def _render_limited(template: jinja2.Template, context: dict[str, Any], limits: 
         num_chars = 0
         for piece in template.generate(context):
             num_chars += len(piece)
+            if time.monotonic() > deadline:  # also here, in case the trace hook was removed
+                raise _LimitExceeded("render time limit exceeded")
             if num_chars > limits.max_output_chars:
                 raise _LimitExceeded(f"output exceeds {limits.max_output_chars} characters")
             pieces.append(piece)

@@ -284,8 +284,9 @@ def _read_chat_templates(path: Path, config: Mapping[str, Any]) -> dict[str, str
         return {"default": value}
     if isinstance(value, list):
         for item in value:
-            if not (isinstance(item, Mapping) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)):
-                raise ModelLoadError(f"tokenizer_config.json in {path}: chat_template list items need name and template")
+            valid = isinstance(item, Mapping) and all(isinstance(item.get(k), str) for k in ("name", "template"))
+            if not valid:
+                raise ModelLoadError(f"tokenizer_config.json in {path}: chat_template items need a name and a template")
             templates[item["name"]] = item["template"]
         return templates
     if value is not None:

@@ -81,7 +81,9 @@ def write_tokenizer_fixture(
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
-        "eos_token": {"__type": "AddedToken", "content": EOS, "special": True, "lstrip": False, "rstrip": False, "normalized": False},
+        "eos_token": {  # the older AddedToken-dict form
+            "__type": "AddedToken", "content": EOS, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+        },
         "pad_token": PAD,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
@@ -103,4 +105,25 @@ def write_tokenizer_fixture(
         (folder / "config.json").write_text(json.dumps(model_config), "utf-8")
         generation_config = {"eos_token_id": [eos_id, im_end_id], "bos_token_id": tok.token_to_id(BOS)}
         (folder / "generation_config.json").write_text(json.dumps(generation_config), "utf-8")
+    return folder
+
+
+def write_sentencepiece_fixture(folder: Path) -> Path:
+    """A Llama-style folder with only ``tokenizer.model`` (sentencepiece BPE, byte fallback) and a
+    tokenizer_config.json: no tokenizer.json, so loading goes through transformers' conversion.
+    Needs the ``sentencepiece`` package (callers skip without it)."""
+    import io
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 3), model_writer=model, vocab_size=700, model_type="bpe",
+        byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
     return folder
