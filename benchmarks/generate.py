@@ -1,0 +1,196 @@
+"""Single-stream generation speed: mlxserve vs mlx-lm on the same float32 checkpoint, in one run.
+
+Run it with OpenBLAS preloaded on Linux (MLX's CPU float32 matmuls are several times faster):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python benchmarks/generate.py
+    # or
+    source scripts/env.sh && python benchmarks/generate.py [--only tiny|qwen] [--repeats 3]
+
+For each checkpoint (random weights, built once and cached, see ``_checkpoints.py``) both libraries
+load the same folder, get the same prompt token ids, decode greedily for exactly ``--gen-tokens``
+tokens (the checkpoints define no EOS) and are timed the same way, from outside their
+``stream_generate`` iterators:
+
+* prompt tok/s = prompt tokens / time to the first response (TTFT, prefill + first sample);
+* decode tok/s = (N - 1) / (time of the N-th response - time of the first one).
+
+One warm-up run of each, then A/B alternated ``--repeats`` times; the table shows medians and the
+ratio mlxserve / mlx-lm (> 1 means mlxserve is faster). Both runs must produce the same greedy
+token ids; a mismatch is reported as a warning (float32 rounding can flip a near-tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checkpoints import DEFAULT_CACHE_DIR, SPECS, CheckpointSpec, ensure_checkpoint  # noqa: E402
+
+DEFAULT_PROMPT_TOKENS = {"tiny": 128, "qwen": 128}
+DEFAULT_GEN_TOKENS = {"tiny": 256, "qwen": 64}
+LIBRARIES = ("mlxserve", "mlx-lm")
+
+
+@dataclass(frozen=True, slots=True)
+class RunTiming:
+    token_ids: tuple[int, ...]
+    ttft_s: float  # start -> first response
+    decode_s: float  # first response -> last response
+
+    def prompt_tps(self, num_prompt: int) -> float:
+        return num_prompt / self.ttft_s
+
+    def decode_tps(self) -> float:
+        return (len(self.token_ids) - 1) / self.decode_s
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    checkpoint: str
+    metric: str
+    mlxserve: float
+    mlx_lm: float
+
+    @property
+    def ratio(self) -> float:
+        return self.mlxserve / self.mlx_lm
+
+
+def time_stream(make_stream: Callable[[], Iterable], token_of: Callable[[object], int]) -> RunTiming:
+    """Drain one stream, stamping each response as it arrives."""
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    stamps, tokens = [], []
+    start = time.perf_counter()
+    for response in make_stream():
+        stamps.append(time.perf_counter())
+        tokens.append(token_of(response))
+    return RunTiming(tuple(tokens), stamps[0] - start, stamps[-1] - stamps[0])
+
+
+def make_runners(folder: Path, prompt_ids: list[int], num_gen: int) -> dict[str, Callable[[], RunTiming]]:
+    """One zero-argument runner per library, each with its own model and tokenizer loaded."""
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    import mlxserve.api
+
+    ours_model, ours_tok = mlxserve.api.load(folder)
+    theirs_model, theirs_tok = mlx_lm.load(str(folder))
+    greedy = make_sampler(temp=0.0)
+
+    def run_ours() -> RunTiming:
+        return time_stream(
+            lambda: mlxserve.api.stream_generate(ours_model, ours_tok, prompt_ids, max_tokens=num_gen, temperature=0.0),
+            lambda r: r.token,
+        )
+
+    def run_theirs() -> RunTiming:
+        return time_stream(
+            lambda: mlx_lm.stream_generate(theirs_model, theirs_tok, prompt_ids, max_tokens=num_gen, sampler=greedy),
+            lambda r: r.token,
+        )
+
+    return {"mlxserve": run_ours, "mlx-lm": run_theirs}
+
+
+def bench_checkpoint(key: str, spec: CheckpointSpec, args: argparse.Namespace) -> list[Row]:
+    import numpy as np
+
+    num_prompt = args.prompt_tokens or DEFAULT_PROMPT_TOKENS[key]
+    num_gen = args.gen_tokens or DEFAULT_GEN_TOKENS[key]
+    t0 = time.perf_counter()
+    folder = ensure_checkpoint(spec, args.cache_dir)
+    print(f"[{spec.name}] checkpoint {folder} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    # Ids above the 256 byte symbols: each one is a whole word token in both tokenizers.
+    prompt_ids = np.random.default_rng(1).integers(256, spec.vocab_size, num_prompt).tolist()
+    runners = make_runners(folder, prompt_ids, num_gen)
+    timings: dict[str, list[RunTiming]] = {lib: [] for lib in LIBRARIES}
+    for lib in LIBRARIES:  # warm-up: compile kernels, fault in weights
+        _check_length(lib, runners[lib](), num_gen)
+    for r in range(args.repeats):
+        for lib in LIBRARIES:
+            timing = _check_length(lib, runners[lib](), num_gen)
+            timings[lib].append(timing)
+            print(f"[{spec.name}] run {r + 1} {lib:8s} ttft {timing.ttft_s * 1e3:8.1f} ms  "
+                  f"decode {timing.decode_tps():8.1f} tok/s", flush=True)
+    _check_same_tokens(spec.name, timings)
+    return _rows(spec.name, timings, num_prompt, num_gen)
+
+
+def _check_length(lib: str, timing: RunTiming, num_gen: int) -> RunTiming:
+    if len(timing.token_ids) != num_gen:
+        raise SystemExit(f"{lib} produced {len(timing.token_ids)} tokens, expected {num_gen}")
+    return timing
+
+
+def _check_same_tokens(name: str, timings: dict[str, list[RunTiming]]) -> None:
+    ours, theirs = timings["mlxserve"][0].token_ids, timings["mlx-lm"][0].token_ids
+    if ours == theirs:
+        print(f"[{name}] greedy tokens identical ({len(ours)} tokens)")
+        return
+    first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    print(f"[{name}] WARNING: greedy tokens differ from position {first}: "
+          f"mlxserve {list(ours[first:first + 5])} vs mlx-lm {list(theirs[first:first + 5])}")
+
+
+def _rows(name: str, timings: dict[str, list[RunTiming]], num_prompt: int, num_gen: int) -> list[Row]:
+    def median(lib: str, metric: Callable[[RunTiming], float]) -> float:
+        return statistics.median(metric(t) for t in timings[lib])
+
+    metrics = {
+        f"prompt tok/s ({num_prompt} tok)": lambda t: t.prompt_tps(num_prompt),
+        f"decode tok/s ({num_gen} tok)": RunTiming.decode_tps,
+    }
+    return [Row(name, label, median("mlxserve", fn), median("mlx-lm", fn)) for label, fn in metrics.items()]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("checkpoint", "metric", "mlxserve", "mlx-lm", "ratio")
+    cells = [header] + [(r.checkpoint, r.metric, f"{r.mlxserve:.1f}", f"{r.mlx_lm:.1f}", f"{r.ratio:.3f}") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(SPECS), help="benchmark one checkpoint only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per library (default 3)")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt length (default: 128)")
+    parser.add_argument("--gen-tokens", type=int, help="tokens to generate (default: tiny 256, qwen 64)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where checkpoints are cached")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.gen_tokens is not None and args.gen_tokens < 2):
+        parser.error("--repeats must be >= 1 and --gen-tokens >= 2")
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        parser.error("--prompt-tokens must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if sys.platform == "linux" and "openblas" not in os.environ.get("LD_PRELOAD", ""):
+        print("note: OpenBLAS is not preloaded; float32 matmuls will be slow (see the module docstring)")
+    rows: list[Row] = []
+    for key, spec in SPECS.items():
+        if args.only in (None, key):
+            rows += bench_checkpoint(key, spec, args)
+    print()
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
