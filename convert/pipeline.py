@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxserve.errors import ConvertError
-from mlxserve.models.loader import load_model
+from mlxserve.models.loader import load_model, quantization_of
 
 from .hf import read_checkpoint, resolve_source
 from .quantize import QuantSpec, bits_per_weight, load_recipe, quantize_model
@@ -78,6 +78,7 @@ def convert(cfg: ConvertConfig, progress: ProgressFactory | None = None) -> Conv
         raise ConvertError(f"output '{out}' already exists; pass --overwrite to replace it", param="output")
     source = resolve_source(cfg.source, revision=cfg.revision)
     ckpt = read_checkpoint(source)
+    _refuse_requantizing(ckpt.config, source, cfg)
     tensors, config, quant_block = _prepare_tensors(source, cfg)
     out_bytes_estimate = sum(t.nbytes for t in tensors.values())
     update = progress(out_bytes_estimate, "writing") if progress else None
@@ -93,6 +94,17 @@ def convert(cfg: ConvertConfig, progress: ProgressFactory | None = None) -> Conv
         output_bytes=saved.total_bytes, bits_per_weight=bits_per_weight(weight_bytes, ckpt.num_parameters),
         seconds=time.perf_counter() - start, quantization=quant_block, verify=report,
     )
+
+
+def _refuse_requantizing(config: dict, source: Path, cfg: ConvertConfig) -> None:
+    """Quantized layers have no ``to_quantized``: they would keep their bits under a new config block."""
+    quant = quantization_of(config)
+    if cfg.quantize and quant is not None:
+        raise ConvertError(
+            f"'{source.name}' is already quantized ({quant['bits']}-bit, group {quant['group_size']}); "
+            "convert from the full-precision checkpoint, or pass --no-quantize to copy it as it is",
+            param="source",
+        )
 
 
 def _prepare_tensors(source: Path, cfg: ConvertConfig) -> tuple[dict, dict, dict | None]:

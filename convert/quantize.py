@@ -66,10 +66,15 @@ def _high_bits(bits: int) -> Recipe:
 
     def recipe(path: str, layer: int | None, num_layers: int, base: QuantSpec) -> QuantSpec:
         if path.endswith(("embed_tokens", "lm_head")):
-            return QuantSpec(bits, base.group_size, "affine")
+            return QuantSpec(bits, _affine_group(base), "affine")
         return base
 
     return recipe
+
+
+def _affine_group(base: QuantSpec) -> int:
+    """The base's group size where affine allows it, else the nearest one (nvfp4's 16 -> 32)."""
+    return min(MODES["affine"][1], key=lambda g: abs(g - base.group_size))
 
 
 def _mixed(low: int, high: int) -> Recipe:
@@ -77,6 +82,11 @@ def _mixed(low: int, high: int) -> Recipe:
     projections of the first and last eighth of the layers and every third one between."""
 
     def recipe(path: str, layer: int | None, num_layers: int, base: QuantSpec) -> QuantSpec:
+        if base.mode != "affine":  # it mixes affine widths; over mxfp4 it would silently drop mxfp4
+            raise ConvertError(
+                f"--quant-recipe mixed_{low}_{high} mixes affine bit widths; use it with --q-mode affine, "
+                f"not {base.mode}", param="quant_recipe",
+            )
         hi, lo = QuantSpec(high, base.group_size), QuantSpec(low, base.group_size)
         if path.endswith(("embed_tokens", "lm_head")):
             return hi
@@ -111,11 +121,36 @@ def load_recipe(name_or_path: str | None) -> Recipe:
         names = ", ".join(RECIPES)
         raise ConvertError(f"--quant-recipe {name_or_path!r} is neither a recipe ({names}) nor a JSON file", param="quant_recipe")
     try:
-        rules = json.loads(path.read_text())
-        compiled = [(re.compile(pattern), spec) for pattern, spec in rules.items()]
-    except (json.JSONDecodeError, re.error, AttributeError) as e:
+        rules = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"--quant-recipe {path.name}: {e}", param="quant_recipe") from None
-    return _file_recipe(compiled)
+    if not isinstance(rules, dict):
+        raise ConvertError(
+            f"--quant-recipe {path.name} must hold a JSON object mapping module-path regexes to "
+            "{bits, group_size, mode} or false", param="quant_recipe",
+        )
+    return _file_recipe([_compile_rule(path.name, pattern, spec) for pattern, spec in rules.items()])
+
+
+_RULE_TYPES = {"bits": int, "group_size": int, "mode": str}
+
+
+def _compile_rule(file_name: str, pattern: str, spec: object) -> tuple[re.Pattern, dict | bool]:
+    """One recipe-file rule, checked up front: an unknown key must not surface mid-conversion."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ConvertError(f"--quant-recipe {file_name}: bad regex {pattern!r} ({e})", param="quant_recipe") from None
+    ok = spec is False or (
+        isinstance(spec, dict)
+        and all(k in _RULE_TYPES and type(v) is _RULE_TYPES[k] for k, v in spec.items())
+    )
+    if not ok:
+        raise ConvertError(
+            f"--quant-recipe {file_name}: the value for {pattern!r} must be false or an object with "
+            f"integer bits / group_size and string mode, not {json.dumps(spec)}", param="quant_recipe",
+        )
+    return regex, spec
 
 
 def _file_recipe(rules: list) -> Recipe:
@@ -124,7 +159,7 @@ def _file_recipe(rules: list) -> Recipe:
             if pattern.search(path):
                 if spec is False:
                     return None
-                return QuantSpec(**{**base.to_dict(), **spec}).validate()
+                return QuantSpec(**{**base.to_dict(), **spec})
         return base
 
     return recipe
@@ -149,11 +184,22 @@ def quantize_model(model: nn.Module, base: QuantSpec, recipe: Recipe = _uniform)
             block[path] = False
             return False
         if spec != base:
+            _check_layer_spec(path, spec)
             block[path] = spec.to_dict()
         return spec.to_dict()
 
     nn.quantize(model, class_predicate=predicate)
     return block
+
+
+def _check_layer_spec(path: str, spec: QuantSpec) -> None:
+    """A recipe's per-layer setting must be one MLX can quantize (a ConvertError, not MLX's ValueError)."""
+    try:
+        spec.validate()
+    except ConvertError as e:
+        raise ConvertError(
+            f"--quant-recipe sets {path} to {spec.to_dict()}, which cannot be used: {e}", param="quant_recipe"
+        ) from None
 
 
 def bits_per_weight(num_bytes: int, num_parameters: int) -> float:

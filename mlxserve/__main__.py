@@ -1,3 +1,3 @@
-from mlxserve.cli import app
+from mlxserve.cli import main
 
-app(prog_name="mlxserve")
+main()

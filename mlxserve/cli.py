@@ -57,6 +57,14 @@ def cli_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def warn_if_slow_blas() -> None:
+    """Say how to get OpenBLAS when MLX runs on a Linux CPU without it."""
+    from mlxserve.blas import INSTALL_HINT, needs_openblas
+
+    if needs_openblas():
+        typer.echo(f"note: {INSTALL_HINT}", err=True)
+
+
 MODEL_HELP = "Model folder (Hugging Face or MLX layout) or Hugging Face repo id."
 
 
@@ -84,6 +92,7 @@ def generate(
     from mlxserve.api import load, stream_generate
 
     text = sys.stdin.read() if prompt == "-" else prompt
+    warn_if_slow_blas()
     model_obj, tokenizer = load(model)
     use_chat = tokenizer.has_chat_template if chat is None else chat
     if use_chat and not tokenizer.has_chat_template:
@@ -130,6 +139,7 @@ def chat(
 
     from mlxserve.api import load
 
+    warn_if_slow_blas()
     model_obj, tokenizer = load(model)
     if not tokenizer.has_chat_template:
         fail("this model has no chat template, so it cannot chat; use `mlxserve generate`")
@@ -202,5 +212,9 @@ def _print_convert_report(report) -> None:
     typer.echo(str(report.output))
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m mlxserve`
-    app()
+def main() -> None:
+    """Console entry point: preload OpenBLAS on Linux when possible, then run the app."""
+    from mlxserve.blas import reexec_with_openblas
+
+    reexec_with_openblas(sys.argv[1:])
+    app(prog_name="mlxserve")
