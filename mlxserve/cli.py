@@ -65,13 +65,24 @@ def warn_if_slow_blas() -> None:
         typer.echo(f"note: {INSTALL_HINT}", err=True)
 
 
-MODEL_HELP = "Model folder (Hugging Face or MLX layout) or Hugging Face repo id."
+MODEL_HELP = "Model folder (Hugging Face or MLX layout), cached model name, or Hugging Face repo id."
+DEFAULT_HELP = " Default: SmolLM2-135M-Instruct, converted once into the model cache."
+
+
+def resolve_model_arg(model: str | None) -> str:
+    """The --model value, or the default model (converted into the cache on first use)."""
+    if model:
+        return model
+    from mlxserve.convert.default_model import ensure_default_model
+    from mlxserve.progress import byte_progress
+
+    return str(ensure_default_model(progress=byte_progress, log=lambda m: typer.echo(m, err=True)))
 
 
 @app.command()
 @cli_errors
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + DEFAULT_HELP),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or '-' to read it from stdin."),
     chat: Optional[bool] = typer.Option(
         None, "--chat/--no-chat", help="Wrap the prompt in the model's chat template (default: when it has one)."
@@ -93,7 +104,7 @@ def generate(
 
     text = sys.stdin.read() if prompt == "-" else prompt
     warn_if_slow_blas()
-    model_obj, tokenizer = load(model)
+    model_obj, tokenizer = load(resolve_model_arg(model))
     use_chat = tokenizer.has_chat_template if chat is None else chat
     if use_chat and not tokenizer.has_chat_template:
         fail("this model has no chat template; drop --chat")
@@ -126,7 +137,7 @@ def _print_stats(last) -> None:
 @app.command()
 @cli_errors
 def chat(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + DEFAULT_HELP),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message for the conversation."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
@@ -140,7 +151,7 @@ def chat(
     from mlxserve.api import load
 
     warn_if_slow_blas()
-    model_obj, tokenizer = load(model)
+    model_obj, tokenizer = load(resolve_model_arg(model))
     if not tokenizer.has_chat_template:
         fail("this model has no chat template, so it cannot chat; use `mlxserve generate`")
     session = ChatSession(
@@ -210,6 +221,35 @@ def _print_convert_report(report) -> None:
             f"top-1 agreement {v.top1_agreement:.1%} over {v.num_positions} positions", err=True,
         )
     typer.echo(str(report.output))
+
+
+@app.command("models")
+@cli_errors
+def models_cmd() -> None:
+    """List the models in the mlxserve cache (name, source, size, precision)."""
+    from mlxserve.model_store import cache_dir, list_models
+
+    cached = list_models()
+    if not cached:
+        typer.echo(f"no cached models in {cache_dir()}")
+        return
+    rows = [("NAME", "SIZE", "PRECISION", "SOURCE")]
+    for m in cached:
+        precision = f"{m.bits}-bit" if m.bits else (m.dtype or "?")
+        rows.append((m.name, f"{m.size_bytes / 2**20:.1f} MiB", precision, m.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+
+
+@app.command("rm")
+@cli_errors
+def rm_cmd(name: str = typer.Argument(..., help="Name of a cached model (see `mlxserve models`).")) -> None:
+    """Remove a model from the mlxserve cache."""
+    from mlxserve.model_store import remove_model
+
+    path = remove_model(name)
+    typer.echo(f"removed {name} ({path})")
 
 
 def main() -> None:

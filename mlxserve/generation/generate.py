@@ -118,7 +118,7 @@ def _responses(steps, detok, params, stop_ids, num_prompt) -> Iterator[Generatio
                 peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
         yield GenerationResponse(
-            text=delta.text, token=step.token, logprob=step.logprobs[step.token].item(),
+            text=delta.text, token=step.token, logprob=step.logprob,
             logprobs=step.logprobs, prompt_tokens=num_prompt, generation_tokens=n,
             finish_reason=finish, **stats,
         )

@@ -10,8 +10,16 @@ import os
 import re
 from pathlib import Path
 
-from mlxserve.errors import HubUnavailableError, ModelNotFoundError, UnsafeCheckpointError
-from mlxserve.io.checkpoint_files import PICKLE_WEIGHT_PATTERNS, unsafe_checkpoint_message
+from mlxserve.errors import (
+    HubUnavailableError,
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+)
+from mlxserve.io.checkpoint_files import (
+    PICKLE_WEIGHT_PATTERNS,
+    unsafe_checkpoint_message,
+)
+from mlxserve.model_store import cached_path
 
 # Data files only: no *.py (remote code), no *.bin/*.pt (pickle). "model*" skips the duplicate
 # consolidated.safetensors of Mistral repos.
@@ -30,7 +38,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 
 
 def resolve_model_path(src: str, *, revision: str | None = None) -> Path:
-    """A local model folder for ``src``: an existing folder, or a hub repo id ``org/name``.
+    """A local model folder for ``src``: an existing folder, a cached model name, or a hub repo id.
 
     Raises ModelNotFoundError for a missing path or unknown repo, HubUnavailableError when the hub
     cannot be reached (or HF_HUB_OFFLINE is set) and the repo is not in the local cache.
@@ -40,6 +48,9 @@ def resolve_model_path(src: str, *, revision: str | None = None) -> Path:
         return path
     if path.exists():
         raise ModelNotFoundError(f"model path {src!r} is a file, not a model folder")
+    cached = cached_path(src)  # a name from `mlxserve models`
+    if cached is not None:
+        return cached
     if _looks_like_path(src) or not is_repo_id(src):
         raise ModelNotFoundError(
             f"model folder {src!r} does not exist (hub repo ids look like 'org/name')"
