@@ -179,12 +179,13 @@ def quantize_model(model: nn.Module, base: QuantSpec, recipe: Recipe = _uniform)
             return False
         match = _LAYER_RE.search(path + ".")
         spec = recipe(path, int(match.group(1)) if match else None, num_layers, base)
+        if spec is not None and spec != base:
+            _check_layer_spec(path, spec)  # before the divisibility test: a group size of 0 must not divide
         in_dims = module.weight.shape[-1]
         if spec is None or in_dims % spec.group_size != 0:
             block[path] = False
             return False
         if spec != base:
-            _check_layer_spec(path, spec)
             block[path] = spec.to_dict()
         return spec.to_dict()
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the converter may import from the runtime.
-CONVERT_MAY_IMPORT = ("mlxserve.errors", "mlxserve.models", "mlxserve.io", "mlxserve.tokenizer")
+CONVERT_MAY_IMPORT = ("mlxserve.errors", "mlxserve.models", "mlxserve.io", "mlxserve.tokenizer", "mlxserve.model_store")
 
 
 def _imports(path: Path) -> list[str]:

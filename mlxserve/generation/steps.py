@@ -24,7 +24,7 @@ DEFAULT_PREFILL_STEP = 2048
 @dataclass(frozen=True)
 class TokenStep:
     token: int
-    logprob: float  # logprobs[token], computed with the step so reading it never stalls the pipeline
+    logprob: float  # logprobs[token]
     logprobs: mx.array  # (V,) log-probabilities of the distribution the token was drawn from
     prompt_time: float  # seconds from start to the first token being ready (same on every step)
 
@@ -69,29 +69,39 @@ def generate_tokens(
     num_prompt = len(history_ids) + len(prompt_ids)
     context = mx.array(list(history_ids) + list(prompt_ids), dtype=mx.int32)
 
-    def step(inputs: mx.array, context: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def step(inputs: mx.array, context: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(inputs[None], cache)[:, -1, :]
         for processor in processors:
             logits = processor(context, num_prompt, logits)
         result = sampler(logits)
-        logprobs = result.logprobs[0]
-        # The sampled token's logprob is queued with the step: indexing logprobs on the host later
-        # would queue a new op behind the already-queued next step and wait for it (a stall).
-        return result.token_ids, logprobs, logprobs[result.token_ids]
+        # squeeze, not [0]: an integer index is a gather, i.e. a (V,) copy per token.
+        return result.token_ids, result.logprobs.squeeze(0)
 
     last = prefill(model, mx.array(list(prompt_ids), dtype=mx.int32), cache, prefill_step)
-    token, logprobs, chosen = step(last, context)
-    mx.async_eval(token, logprobs, chosen)
+    token, logprobs = step(last, context)
+    mx.async_eval(token, logprobs)
     prompt_time = None
     while True:
         context = mx.concatenate([context, token]) if processors else context
-        next_token, next_logprobs, next_chosen = step(token, context)
-        mx.async_eval(next_token, next_logprobs, next_chosen)
+        next_token, next_logprobs = step(token, context)
+        mx.async_eval(next_token, next_logprobs)
         token_id = token.item()  # SYNC: the one host read per generated token
-        logprob = chosen.item()  # queued before the next step, so ready (or nearly) by now
         if prompt_time is None:
             prompt_time = time.perf_counter() - start
         if on_token_fed is not None:
             on_token_fed(token_id)
+        logprob = _read_logprob(logprobs, token_id)
         yield TokenStep(token=token_id, logprob=logprob, logprobs=logprobs, prompt_time=prompt_time)
-        token, logprobs, chosen = next_token, next_logprobs, next_chosen
+        token, logprobs = next_token, next_logprobs
+
+
+def _read_logprob(logprobs: mx.array, token_id: int) -> float:
+    """``logprobs[token_id]`` read on the host, without queueing an op.
+
+    ``logprobs`` was queued before the next step, so its buffer is ready (or nearly). Indexing it
+    with MLX instead (``logprobs[token_id].item()``) would queue a new op *behind* the next step
+    and wait for the whole of it: the pipeline would stall on every token.
+    """
+    if logprobs.dtype == mx.float32:
+        return float(memoryview(logprobs)[token_id])
+    return logprobs[token_id].item()  # no buffer protocol for bfloat16; the sampler emits float32

@@ -301,19 +301,24 @@ def test_unknown_recipe_name(tiny_ckpt, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+_BAD_RULE = (
+    "--quant-recipe r.json: the value for 'q_proj' must be false or an object with integer bits / group_size "
+    "and string mode, not "
+)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{bad json", "--quant-recipe r.json: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-        ('["q_proj"]', "--quant-recipe r.json must hold a JSON object mapping module-path regexes to "
-                       "{bits, group_size, mode} or false"),
+        ('["q_proj"]', (
+            "--quant-recipe r.json must hold a JSON object mapping module-path regexes to "
+            "{bits, group_size, mode} or false"
+        )),
         ('{"(": false}', "--quant-recipe r.json: bad regex '(' (missing ), unterminated subpattern at position 0)"),
-        ('{"q_proj": {"bitz": 8}}', "--quant-recipe r.json: the value for 'q_proj' must be false or an object "
-                                    'with integer bits / group_size and string mode, not {"bitz": 8}'),
-        ('{"q_proj": true}', "--quant-recipe r.json: the value for 'q_proj' must be false or an object "
-                             "with integer bits / group_size and string mode, not true"),
-        ('{"q_proj": {"bits": "8"}}', "--quant-recipe r.json: the value for 'q_proj' must be false or an object "
-                                      'with integer bits / group_size and string mode, not {"bits": "8"}'),
+        ('{"q_proj": {"bitz": 8}}', _BAD_RULE + '{"bitz": 8}'),
+        ('{"q_proj": true}', _BAD_RULE + "true"),
+        ('{"q_proj": {"bits": "8"}}', _BAD_RULE + '{"bits": "8"}'),
     ],
     ids=["not-json", "list", "bad-regex", "unknown-key", "true", "string-bits"],
 )
@@ -324,16 +329,23 @@ def test_bad_recipe_files_are_refused_up_front(tmp_path, content, message):
     assert (info.value.param, str(info.value)) == ("quant_recipe", message)
 
 
-def test_recipe_setting_mlx_cannot_use_names_the_layer(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"bits": 7}, "--q-bits 7 is not valid for affine; use one of 2, 3, 4, 5, 6, 8"),
+        ({"group_size": 0}, "--q-group-size 0 is not valid for affine; use one of 32, 64, 128"),
+        ({"mode": "mxfp4"}, "--q-group-size 64 is not valid for mxfp4; use one of 32"),
+    ],
+    ids=["bits7", "group0", "mxfp4-group64"],
+)
+def test_recipe_setting_mlx_cannot_use_names_the_layer(tiny_ckpt, tmp_path, setting, reason):
     recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({r"layers\.1\.self_attn\.q_proj": {"bits": 7}}))
+    recipe.write_text(json.dumps({r"layers\.1\.self_attn\.q_proj": setting}))
     with pytest.raises(ConvertError) as info:
         run_convert(tiny_ckpt("llama"), tmp_path / "out", recipe=str(recipe))
+    spec = {"group_size": 64, "bits": 4, "mode": "affine", **setting}
     assert info.value.param == "quant_recipe"
-    assert str(info.value) == (
-        "--quant-recipe sets model.layers.1.self_attn.q_proj to {'group_size': 64, 'bits': 7, 'mode': 'affine'}, "
-        "which cannot be used: --q-bits 7 is not valid for affine; use one of 2, 3, 4, 5, 6, 8"
-    )
+    assert str(info.value) == f"--quant-recipe sets model.layers.1.self_attn.q_proj to {spec}, which cannot be used: {reason}"
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
 
 
