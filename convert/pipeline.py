@@ -50,6 +50,8 @@ class ConvertConfig:
             raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}", param="dtype")
         if self.quantize:
             self.quant.validate()
+        elif self.recipe:
+            raise ConvertError("--quant-recipe needs quantization; drop --no-quantize", param="quant_recipe")
         load_recipe(self.recipe)
         return self
 

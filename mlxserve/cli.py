@@ -212,6 +212,9 @@ def _print_convert_report(report) -> None:
     size_mb = report.output_bytes / 2**20
     quant = report.quantization
     how = f"{quant['bits']}-bit {quant['mode']}, group {quant['group_size']}" if quant else "not quantized"
+    overrides = sum(1 for v in (quant or {}).values() if isinstance(v, dict))
+    if overrides:
+        how += f", {overrides} layers at other widths"
     typer.echo(f"Converted {report.model_type} ({report.num_parameters / 1e6:.1f}M parameters, {how})", err=True)
     typer.echo(f"  {report.bits_per_weight:.2f} bits per weight, {size_mb:.1f} MiB, {report.seconds:.1f} s", err=True)
     if report.verify is not None:

@@ -41,7 +41,16 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 def quantization_of(config: Mapping[str, Any]) -> dict | None:
     """The MLX quantization block of a config, or None (HF's own quantization_config is not MLX's)."""
     quant = config.get("quantization") or config.get("quantization_config")
-    if isinstance(quant, Mapping) and "bits" in quant and "group_size" in quant:
+    if not isinstance(quant, Mapping):
+        return None
+    method = quant.get("quant_method")
+    if method is not None and "quantization" not in config:
+        # GPTQ, AWQ, bitsandbytes, fp8 ...: another library's packing, not MLX's.
+        raise ModelLoadError(
+            f"this checkpoint is quantized with {method!r}, which mlxserve cannot load; "
+            "use the full-precision checkpoint (and convert it with `mlxserve convert`)"
+        )
+    if "bits" in quant and "group_size" in quant:
         return dict(quant)
     return None
 

@@ -89,7 +89,10 @@ def test_quantization_flags_reach_the_output(tiny_ckpt, tmp_path):
     result = invoke(tiny_ckpt("llama"), "--mlx-path", out, "--q-bits", "4", "--q-group-size", "32",
                     "--quant-recipe", "mixed_4_8", "--no-verify")
     assert result.exit_code == 0, result.output
-    assert result.stderr.splitlines()[0] == "Converted llama (0.1M parameters, 4-bit affine, group 32)"
+    # mixed_4_8 on 2 layers: embed_tokens, lm_head and v/down_proj of both layers at 8 bits
+    assert result.stderr.splitlines()[0] == (
+        "Converted llama (0.1M parameters, 4-bit affine, group 32, 6 layers at other widths)"
+    )
     quant = json.loads((out / "config.json").read_text())["quantization"]
     eight = {"group_size": 32, "bits": 8, "mode": "affine"}
     # 2 layers: both are edge layers, so v_proj and down_proj join the head and embeddings at 8 bits.

@@ -105,7 +105,7 @@ def test_smollm_pre_tokenizer_isolates_digits(tiny_ckpt, tmp_path):
     ]
 
 
-@pytest.mark.parametrize(("arch", "add_space_prefix"), [("llama", None), ("llama", False), ("phi3", True), ("gemma2", False)])
+@pytest.mark.parametrize(("arch", "add_space_prefix"), [("llama", None), ("llama", True), ("phi3", True), ("gemma2", False)])
 def test_sentencepiece_vocab_matches_transformers(tmp_path, arch, add_space_prefix):
     corpus = CORPUS_PATH.read_text(encoding="utf-8")
     path = build_spm_tokenizer_gguf(tmp_path / "spm.gguf", arch, corpus, add_space_prefix=add_space_prefix)
@@ -116,3 +116,15 @@ def test_sentencepiece_vocab_matches_transformers(tmp_path, arch, add_space_pref
         assert mine.decode(expected, skip_special_tokens=False) == reference.decode(expected), text
     # A llama-type vocabulary gets BOS unless the file says otherwise (llama.cpp's rule).
     assert mine.encode("hi").ids[0] == reference("hi")["input_ids"][0] == 1
+
+
+def test_add_space_prefix_false_is_honoured(tmp_path):
+    """llama.cpp prepends no "▁" when the file says add_space_prefix = false (transformers' GGUF
+    loader ignores the flag for llama vocabularies, so it is no reference here)."""
+    corpus = CORPUS_PATH.read_text(encoding="utf-8")
+    with_prefix = ours(build_spm_tokenizer_gguf(tmp_path / "a.gguf", "llama", corpus, add_space_prefix=True))
+    without = ours(build_spm_tokenizer_gguf(tmp_path / "b.gguf", "llama", corpus, add_space_prefix=False))
+    assert with_prefix.encode("Hello world").tokens[1].startswith("▁")
+    assert not without.encode("Hello world").tokens[1].startswith("▁")
+    assert without.encode(" Hello world").ids == with_prefix.encode("Hello world").ids
+    assert without.decode(without.encode("Hello world").ids) == "Hello world"
