@@ -60,35 +60,47 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(logits >= threshold, logits, mx.array(_NEG_INF, dtype=logits.dtype))
 
 
+def seeded_key(seed: int, index: int) -> mx.array:
+    """The PRNG key for output token ``index`` of a request seeded with ``seed``.
+
+    A pure function of (seed, index), mixed with splitmix64 so that nearby seeds give unrelated
+    streams: the same seed yields the same tokens alone, batched, or recomputed after preemption.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return mx.random.key((x ^ (x >> 31)) & _MASK63)
+
+
+_MASK64, _MASK63 = 2**64 - 1, 2**63 - 1
+
+
 class Sampler:
     """Samples one token per row with one request's ``SamplingParams``.
 
-    With ``params.seed`` set, the sampler owns an ``mx.random.key(seed)`` and splits it on every
-    call, so a seed gives the same tokens whatever the global RNG did before; without a seed it
-    draws from MLX's global RNG.
+    With ``params.seed`` set, the draw for output token i uses ``seeded_key(seed, i)``, so a seed
+    gives the same tokens whatever the global RNG did before; without a seed it draws from MLX's
+    global RNG. ``index`` defaults to a counter of calls.
     """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self._key = mx.random.key(params.seed) if params.seed is not None else None
+        self._calls = 0
 
-    def __call__(self, logits: mx.array) -> SampleResult:
+    def __call__(self, logits: mx.array, index: int | None = None) -> SampleResult:
         """logits: (B, V) -> SampleResult with token_ids (B,) int32 and logprobs (B, V)."""
         logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.params.is_greedy:
             return SampleResult(mx.argmax(logits, axis=-1).astype(mx.int32), logprobs)
+        index = self._calls if index is None else index
+        self._calls = index + 1
+        key = None if self.params.seed is None else seeded_key(self.params.seed, index)
         scaled = self._truncate(logits / self.params.temperature)
-        return SampleResult(mx.random.categorical(scaled, axis=-1, key=self._next_key()).astype(mx.int32), logprobs)
+        return SampleResult(mx.random.categorical(scaled, axis=-1, key=key).astype(mx.int32), logprobs)
 
     def _truncate(self, logits: mx.array) -> mx.array:
         params = self.params
         logits = apply_top_k(logits, params.top_k)
         logits = apply_top_p(logits, params.top_p)
         return apply_min_p(logits, params.min_p)
-
-    def _next_key(self) -> mx.array | None:
-        if self._key is None:
-            return None
-        self._key, key = mx.random.split(self._key)
-        return key
