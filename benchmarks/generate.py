@@ -14,7 +14,8 @@ tokens (the checkpoints define no EOS) and are timed the same way, from outside 
 * prompt tok/s = prompt tokens / time to the first response (TTFT, prefill + first sample);
 * decode tok/s = (N - 1) / (time of the N-th response - time of the first one).
 
-One warm-up run of each, then A/B alternated ``--repeats`` times; the table shows medians and the
+One warm-up run of each, then ``--repeats`` timed runs of each, alternated (A B, B A, A B, ...) so
+slow drifts in machine load hit both alike; the table shows medians and the
 ratio mlxserve / mlx-lm (> 1 means mlxserve is faster). Both runs must produce the same greedy
 token ids; a mismatch is reported as a warning (float32 rounding can flip a near-tie).
 """
@@ -120,7 +121,8 @@ def bench_checkpoint(key: str, spec: CheckpointSpec, args: argparse.Namespace) -
     for lib in LIBRARIES:  # warm-up: compile kernels, fault in weights
         _check_length(lib, runners[lib](), num_gen)
     for r in range(args.repeats):
-        for lib in LIBRARIES:
+        # A B, B A, A B ...: alternating who goes first cancels slow drifts (thermal, other load).
+        for lib in LIBRARIES if r % 2 == 0 else LIBRARIES[::-1]:
             timing = _check_length(lib, runners[lib](), num_gen)
             timings[lib].append(timing)
             print(f"[{spec.name}] run {r + 1} {lib:8s} ttft {timing.ttft_s * 1e3:8.1f} ms  "

@@ -6,10 +6,22 @@
 """
 
 from .config import SUPPORTED_GGUF_ARCHS
-from .convert import GGUFConvertResult, GGUFSource, convert_gguf, gguf_to_hf_folder, resolve_gguf_source
+from .convert import (
+    GGUFConvertResult,
+    GGUFSource,
+    convert_gguf,
+    gguf_to_hf_folder,
+    resolve_gguf_source,
+)
 from .reader import GGUFFile, read_gguf
 
 __all__ = [
-    "GGUFConvertResult", "GGUFFile", "GGUFSource", "SUPPORTED_GGUF_ARCHS",
-    "convert_gguf", "gguf_to_hf_folder", "read_gguf", "resolve_gguf_source",
+    "SUPPORTED_GGUF_ARCHS",
+    "GGUFConvertResult",
+    "GGUFFile",
+    "GGUFSource",
+    "convert_gguf",
+    "gguf_to_hf_folder",
+    "read_gguf",
+    "resolve_gguf_source",
 ]

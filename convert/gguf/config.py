@@ -51,6 +51,7 @@ _GEMMA_NAMES: Mapping[str, str] = {
 _PHI3_NAMES: Mapping[str, str] = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 # Tensors whose content becomes config (RoPE factor tables), not weights.
 CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+_MAX_SIZE = 1 << 24  # bound on any count or size read from metadata (layers, heads, widths)
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
@@ -65,7 +66,7 @@ class Family:
     permute_qk: bool = False
     norm_shift: float = 0.0
     default_rope_theta: float = 10000.0
-    extra_config: Callable[["_Meta", VectorReader], dict] = lambda meta, read: {}
+    extra_config: Callable[[_Meta, VectorReader], dict] = lambda meta, read: {}
 
     def hf_name(self, gguf_name: str) -> str | None:
         if gguf_name in _GLOBAL_NAMES:
@@ -94,17 +95,57 @@ class _Meta:
         return value
 
     def uniform_int(self, key: str, default: int | None = None) -> int:
-        """An int, or a per-layer list that must hold one value (mixed layouts are not supported)."""
+        """A positive int, or a per-layer list holding one such value (mixed layouts are not supported)."""
         value = self.get(key, default)
         if value is None:
-            return self.require(key)
+            value = self.require(key)
         if isinstance(value, list):
             if not value or len(set(value)) != 1:
                 raise UnsupportedModelError(
                     f"{self.gf.path.name}: {self.arch}.{key} differs between layers; not supported"
                 )
             value = value[0]
-        return int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _MAX_SIZE:
+            raise CorruptCheckpointError(
+                f"{self.gf.path.name}: metadata {self.arch}.{key} must be a positive integer, not {str(value)[:40]!r}"
+            )
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise CorruptCheckpointError(f"{self.gf.path.name}: metadata {self.arch}.{key} must be a number, not {str(value)[:40]!r}")
+        return float(value)
+
+    def optional_number(self, key: str) -> float | None:
+        """A number, with 0 and a missing key both meaning "not set"."""
+        return self.number(key, 0.0) or None
+
+    def optional_int(self, key: str) -> int | None:
+        return self.uniform_int(key) if self.get(key) not in (None, 0) else None
+
+    @property
+    def num_heads(self) -> int:
+        return self.uniform_int("attention.head_count")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.uniform_int("attention.head_count_kv", self.num_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.uniform_int("embedding_length")
+
+    def head_dim(self) -> int:
+        """From the q (or fused qkv) projection's rows: the file's own shapes beat any metadata key."""
+        heads, kv_heads, tensors = self.num_heads, self.num_kv_heads, self.gf.tensors
+        q = tensors.get("blk.0.attn_q.weight")
+        if q is not None and q.shape[0] % heads == 0:
+            return q.shape[0] // heads
+        qkv = tensors.get("blk.0.attn_qkv.weight")
+        if qkv is not None and qkv.shape[0] % (heads + 2 * kv_heads) == 0:
+            return qkv.shape[0] // (heads + 2 * kv_heads)
+        return self.uniform_int("attention.key_length", self.hidden_size // heads)
 
 
 def family_of(gf: GGUFFile) -> Family:
@@ -120,25 +161,22 @@ def family_of(gf: GGUFFile) -> Family:
 def build_config(gf: GGUFFile, family: Family, read_vector: VectorReader) -> dict:
     """The HF config.json for ``gf`` (float weights; the caller adds quantization and dtype)."""
     meta = _Meta(gf, family.arch)
-    heads = meta.uniform_int("attention.head_count")
-    kv_heads = meta.uniform_int("attention.head_count_kv", heads)
-    hidden = int(meta.require("embedding_length"))
     embed = gf.tensors.get("token_embd.weight")
     if embed is None:
         raise CorruptCheckpointError(f"{gf.path.name}: no token_embd.weight tensor")
     config: dict[str, Any] = {
         "model_type": family.model_type,
         "architectures": [family.architecture],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(meta.require("block_count")),
+        "hidden_size": meta.hidden_size,
+        "num_hidden_layers": meta.uniform_int("block_count"),
         "intermediate_size": meta.uniform_int("feed_forward_length"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": _head_dim(gf, meta, heads, kv_heads, hidden),
+        "num_attention_heads": meta.num_heads,
+        "num_key_value_heads": meta.num_kv_heads,
+        "head_dim": meta.head_dim(),
         "vocab_size": embed.shape[0],
-        "rms_norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "max_position_embeddings": int(meta.get("context_length", 4096)),
-        "rope_theta": float(meta.get("rope.freq_base", family.default_rope_theta)),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": meta.uniform_int("context_length", 4096),
+        "rope_theta": meta.number("rope.freq_base", family.default_rope_theta),
         "rope_scaling": _rope_scaling(meta),
         "tie_word_embeddings": "output.weight" not in gf.tensors,
     }
@@ -150,35 +188,22 @@ def build_config(gf: GGUFFile, family: Family, read_vector: VectorReader) -> dic
     return config
 
 
-def _head_dim(gf: GGUFFile, meta: _Meta, heads: int, kv_heads: int, hidden: int) -> int:
-    """From the q (or fused qkv) projection's rows: the file's own shapes beat any metadata key."""
-    q = gf.tensors.get("blk.0.attn_q.weight")
-    if q is not None and q.shape[0] % heads == 0:
-        return q.shape[0] // heads
-    qkv = gf.tensors.get("blk.0.attn_qkv.weight")
-    if qkv is not None and qkv.shape[0] % (heads + 2 * kv_heads) == 0:
-        return qkv.shape[0] // (heads + 2 * kv_heads)
-    return int(meta.get("attention.key_length", hidden // heads))
-
-
 def _rope_scaling(meta: _Meta) -> dict | None:
     """``{arch}.rope.scaling.*`` keys -> an HF rope_scaling dict."""
     kind = meta.get("rope.scaling.type")
     if kind in (None, "none"):
         return None
-    factor = float(meta.require("rope.scaling.factor"))
+    factor = meta.number("rope.scaling.factor", float("nan"))
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": factor}
-        optional = {
-            "original_max_position_embeddings": ("rope.scaling.original_context_length", int),
-            "beta_fast": ("rope.scaling.yarn_beta_fast", float),
-            "beta_slow": ("rope.scaling.yarn_beta_slow", float),
-        }
-        for hf_key, (key, cast) in optional.items():
-            if meta.get(key) is not None:
-                scaling[hf_key] = cast(meta.get(key))
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+        if meta.optional_int("rope.scaling.original_context_length"):
+            scaling["original_max_position_embeddings"] = meta.uniform_int("rope.scaling.original_context_length")
+        for hf_key in ("beta_fast", "beta_slow"):
+            value = meta.optional_number(f"rope.scaling.yarn_{hf_key}")
+            if value is not None:
+                scaling[hf_key] = value
         return scaling
     raise UnsupportedModelError(f"{meta.gf.path.name}: RoPE scaling type {kind!r} is not supported")
 
@@ -189,13 +214,8 @@ def _rope_scaling(meta: _Meta) -> dict | None:
 def _llama_extra(meta: _Meta, read: VectorReader) -> dict:
     extra = {"attention_bias": "blk.0.attn_q.bias" in meta.gf.tensors, "mlp_bias": False}
     if "rope_freqs.weight" in meta.gf.tensors:
-        config_head_dim = _head_dim(
-            meta.gf, meta, meta.uniform_int("attention.head_count"),
-            meta.uniform_int("attention.head_count_kv", meta.uniform_int("attention.head_count")),
-            int(meta.require("embedding_length")),
-        )
-        theta = float(meta.get("rope.freq_base", 10000.0))
-        extra["rope_scaling"] = llama3_scaling_from_factors(read("rope_freqs.weight"), theta, config_head_dim, meta)
+        theta = meta.number("rope.freq_base", 10000.0)
+        extra["rope_scaling"] = llama3_scaling_from_factors(read("rope_freqs.weight"), theta, meta.head_dim(), meta)
     return extra
 
 
@@ -216,7 +236,7 @@ def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int
     factor = float(factors.max())
     wavelens = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
     mid = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
-    high, old = 4.0, float(meta.get("rope.scaling.original_context_length", 8192))
+    high, old = 4.0, float(meta.uniform_int("rope.scaling.original_context_length", 8192))
     if mid.any():
         s = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
         x = 1 / wavelens[mid]
@@ -226,7 +246,7 @@ def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int
             old = (s[0] * (high - 1) + 1) / x[0]
     scaling = {
         "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-        "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": int(round(old)),
+        "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": round(float(old)),
     }
     if not np.allclose(_llama3_factors(scaling, wavelens), factors, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError(f"{fname}: rope_freqs does not follow Llama 3 RoPE scaling; not supported")
@@ -242,25 +262,23 @@ def _llama3_factors(scaling: Mapping[str, Any], wavelens: np.ndarray) -> np.ndar
 
 
 def _qwen2_extra(meta: _Meta, read: VectorReader) -> dict:
-    return {"use_sliding_window": False, "max_window_layers": int(meta.require("block_count"))}
+    return {"use_sliding_window": False, "max_window_layers": meta.uniform_int("block_count")}
 
 
 def _gemma_common(meta: _Meta) -> dict:
-    hidden, heads = int(meta.require("embedding_length")), meta.uniform_int("attention.head_count")
-    head_dim = _head_dim(meta.gf, meta, heads, meta.uniform_int("attention.head_count_kv", heads), hidden)
-    scale = meta.get("attention.scale")
+    hidden, heads, head_dim = meta.hidden_size, meta.num_heads, meta.head_dim()
+    scale = meta.optional_number("attention.scale")
     if scale is not None:  # an explicit 1/sqrt(query_pre_attn_scalar), stored in float32
-        query_scalar = 1.0 / float(scale) ** 2
+        query_scalar = 1.0 / scale**2
         if abs(query_scalar - round(query_scalar)) < 1e-4 * query_scalar:
             query_scalar = round(query_scalar)
-    elif int(meta.require("block_count")) in _GEMMA_27B_LAYERS.get(meta.arch, ()):
+    elif meta.uniform_int("block_count") in _GEMMA_27B_LAYERS.get(meta.arch, ()):
         query_scalar = hidden / heads  # llama.cpp's rule: only the 27B models scale by hidden / heads
     else:
         query_scalar = head_dim
-    window = meta.get("attention.sliding_window")
     return {
         "query_pre_attn_scalar": query_scalar,
-        "sliding_window": int(window) if window else None,
+        "sliding_window": meta.optional_int("attention.sliding_window"),
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
     }
@@ -271,34 +289,31 @@ _GEMMA_27B_LAYERS: Mapping[str, tuple[int, ...]] = {"gemma2": (46,), "gemma3": (
 
 def _gemma2_extra(meta: _Meta, read: VectorReader) -> dict:
     extra = _gemma_common(meta)
-    extra["attn_logit_softcapping"] = _float_or_none(meta.get("attn_logit_softcapping"))
-    extra["final_logit_softcapping"] = _float_or_none(meta.get("final_logit_softcapping"))
+    extra["attn_logit_softcapping"] = meta.optional_number("attn_logit_softcapping")
+    extra["final_logit_softcapping"] = meta.optional_number("final_logit_softcapping")
     return extra
 
 
 def _gemma3_extra(meta: _Meta, read: VectorReader) -> dict:
     extra = _gemma_common(meta)
-    extra["rope_local_base_freq"] = float(meta.get("rope.freq_base_swa", 10000.0))  # llama.cpp's default
-    extra["final_logit_softcapping"] = _float_or_none(meta.get("final_logit_softcapping"))
+    extra["rope_local_base_freq"] = meta.number("rope.freq_base_swa", 10000.0)  # llama.cpp's default
+    extra["final_logit_softcapping"] = meta.optional_number("final_logit_softcapping")
     extra["attn_logit_softcapping"] = None
     pattern = meta.get("attention.sliding_window_pattern")
     if isinstance(pattern, list):  # per layer: true = sliding
         extra["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
     else:
-        extra["sliding_window_pattern"] = int(pattern) if pattern else 6
+        extra["sliding_window_pattern"] = meta.optional_int("attention.sliding_window_pattern") or 6
     return extra
 
 
 def _phi3_extra(meta: _Meta, read: VectorReader) -> dict:
-    gf = meta.gf
-    heads = meta.uniform_int("attention.head_count")
-    head_dim = _head_dim(gf, meta, heads, meta.uniform_int("attention.head_count_kv", heads), int(meta.require("embedding_length")))
-    rotary = int(meta.get("rope.dimension_count", head_dim))
-    window = meta.get("attention.sliding_window")
-    original = int(meta.get("rope.scaling.original_context_length", meta.get("context_length", 4096)))
+    gf, head_dim = meta.gf, meta.head_dim()
+    rotary = meta.uniform_int("rope.dimension_count", head_dim)
+    original = meta.uniform_int("rope.scaling.original_context_length", meta.uniform_int("context_length", 4096))
     extra: dict[str, Any] = {
         "partial_rotary_factor": rotary / head_dim,
-        "sliding_window": int(window) if window else None,
+        "sliding_window": meta.optional_int("attention.sliding_window"),
         "original_max_position_embeddings": original,
         "attention_bias": False,
     }
@@ -308,15 +323,11 @@ def _phi3_extra(meta: _Meta, read: VectorReader) -> dict:
             "long_factor": [float(v) for v in read("rope_factors_long.weight").reshape(-1)],
             "short_factor": [float(v) for v in read("rope_factors_short.weight").reshape(-1)],
         }
-        attn_factor = meta.get("rope.scaling.attn_factor")
+        attn_factor = meta.optional_number("rope.scaling.attn_factor")
         if attn_factor is not None:
-            scaling["attention_factor"] = float(attn_factor)
+            scaling["attention_factor"] = attn_factor
         extra["rope_scaling"] = scaling
     return extra
-
-
-def _float_or_none(value: Any) -> float | None:
-    return float(value) if value else None
 
 
 FAMILIES: Mapping[str, Family] = {

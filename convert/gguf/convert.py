@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
-from mlxserve.errors import ConvertError, UnsupportedModelError
+from mlxserve.errors import (
+    ConvertError,
+    CorruptCheckpointError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
+from mlxserve.models.loader import apply_quantization, build_model
 
 from ..ollama import OllamaModel, find_ollama_model, is_ollama_ref
 from ..quantize import NON_DIVISIBLE_RULE, QuantSpec
@@ -128,8 +135,9 @@ def convert_gguf(
         block = {**weights.quantization, "non_divisible": NON_DIVISIBLE_RULE}
         config["quantization"] = block
         config["quantization_config"] = block  # mlx-lm writes both
-    files = _side_files(tok, source.ollama)
     tensors = weights.tensors
+    _check_fits_model(config, tensors, gf.path.name)
+    files = _side_files(tok, source.ollama)
     out_bytes = sum(t.nbytes for t in tensors.values())
     saved = save_model_dir(
         out, tensors, config, extra_files=files, overwrite=overwrite,
@@ -146,6 +154,30 @@ def gguf_to_hf_folder(gguf_path: Path | GGUFSource, out_dir: Path, dtype: str = 
     """A plain (dequantized) checkpoint folder: config.json, model.safetensors, tokenizer files.
     Replaces an earlier conversion at ``out_dir``."""
     return convert_gguf(gguf_path, out_dir, quantize=False, dtype=dtype, overwrite=True).output
+
+
+def _check_fits_model(config: dict, tensors: dict[str, mx.array], fname: str) -> None:
+    """The tensors must be exactly the parameters of the model the config describes (checked on a
+    lazy skeleton, so nothing is allocated): a bad file fails here, not when it is first loaded."""
+    try:
+        model = build_model(config)
+        if "quantization" in config:
+            apply_quantization(model, config["quantization"], tensors)
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError as e:
+        raise CorruptCheckpointError(f"{fname}: its metadata does not describe a valid model: {e}") from None
+    expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    problems = [f"missing {n}" for n in sorted(set(expected) - set(got))]
+    problems += [f"unexpected {n}" for n in sorted(set(got) - set(expected))]
+    problems += [f"{n} is {got[n]}, expected {expected[n]}" for n in sorted(set(got) & set(expected)) if got[n] != expected[n]]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CorruptCheckpointError(
+            f"{fname}: tensors do not match the {config['model_type']} model its metadata describes: "
+            + "; ".join(problems[:3]) + more
+        )
 
 
 def _refuse_split(gf: GGUFFile) -> None:

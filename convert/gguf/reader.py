@@ -17,13 +17,15 @@ with a one-line message naming the file's base name only.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -113,14 +115,15 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     try:
         size = os.path.getsize(path)
-        f = open(path, "rb")
     except OSError as e:
         raise CorruptCheckpointError(f"{path.name}: cannot open GGUF file: {e.strerror or e}") from None
-    with f:
-        if size < _FIXED_HEADER.size:
-            raise CorruptCheckpointError(f"{path.name}: not a GGUF file (only {size} bytes)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    if size < _FIXED_HEADER.size:
+        raise CorruptCheckpointError(f"{path.name}: not a GGUF file (only {size} bytes)")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _Parser(mm, path.name, size).parse_file(path)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path.name}: cannot read GGUF file: {e.strerror or e}") from None
 
 
 class _Parser:
@@ -273,7 +276,7 @@ class _Parser:
                 name=info.name, shape=info.shape, ggml_type=info.ggml_type, offset=start, nbytes=info.nbytes
             )
         ordered = sorted(tensors.values(), key=lambda t: t.offset)
-        for prev, cur in zip(ordered, ordered[1:]):
+        for prev, cur in itertools.pairwise(ordered):
             if cur.offset < prev.offset + prev.nbytes:
                 raise self.fail(f"tensors {prev.name!r} and {cur.name!r} overlap")
         return tensors

@@ -49,7 +49,7 @@ class PackedQuant:
     bits: int
     group_size: int = GROUP_SIZE
 
-    def take_rows(self, order: np.ndarray) -> "PackedQuant":
+    def take_rows(self, order: np.ndarray) -> PackedQuant:
         """Reorder output rows (a row never shares a quantization block with another)."""
         return PackedQuant(self.weight[order], self.scales[order], self.biases[order], self.bits, self.group_size)
 
@@ -158,7 +158,10 @@ def convert_weights(
 ) -> ConvertedWeights:
     """Every GGUF tensor under its HF name: Q4_0/Q4_1/Q8_0 matrices repacked without loss (when
     ``quant`` is set), other matrices dequantized and re-quantized with ``quant``, the rest ``dtype``.
-    ``on_tensor(nbytes)`` is called after each GGUF tensor is consumed."""
+
+    Exactness of the repacked blocks holds for float16 and float32 ``dtype``; bfloat16 rounds the
+    block scales to 8 mantissa bits. One GGUF tensor is in flight at a time, so peak memory is the
+    output plus one float32 tensor. ``on_tensor(nbytes)`` is called after each GGUF tensor."""
     result = ConvertedWeights(quantization={**quant.to_dict()} if quant is not None else None)
     for info in gf.tensors.values():
         if info.name not in CONFIG_TENSORS:
@@ -207,9 +210,10 @@ def _convert_one(
 
 def _emit_quantized(result: ConvertedWeights, module: str, weight, scales, biases, dtype: mx.Dtype) -> None:
     # Scales in the model dtype: MLX's quantized matmul returns the scales' dtype.
-    result.tensors[f"{module}.weight"] = mx.array(weight)
-    result.tensors[f"{module}.scales"] = mx.array(scales).astype(dtype)
-    result.tensors[f"{module}.biases"] = mx.array(biases).astype(dtype)
+    out = (mx.array(weight), mx.array(scales).astype(dtype), mx.array(biases).astype(dtype))
+    mx.eval(out)  # now, so the float weight it was made from is freed before the next tensor
+    for suffix, array in zip(("weight", "scales", "biases"), out):
+        result.tensors[f"{module}.{suffix}"] = array
 
 
 def _row_order(family: Family, info: GGUFTensorInfo, config: Mapping) -> np.ndarray | None:

@@ -21,7 +21,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from mlxserve.errors import CorruptCheckpointError, UnsupportedModelError
 
@@ -30,6 +39,9 @@ from .reader import GGUFFile
 log = logging.getLogger(__name__)
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Longest piece whose merges are derived: real vocabularies stay far below (Gemma's space runs: 31);
+# the cap keeps a hostile token from costing quadratic time.
+_MAX_MERGED_CHARS = 256
 _SPECIAL_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 # Extra end-of-generation ids llama.cpp reads (end of turn, end of message).
 _STOP_ID_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
@@ -123,7 +135,7 @@ class _Vocab:
     fname: str
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile) -> "_Vocab":
+    def from_gguf(cls, gf: GGUFFile) -> _Vocab:
         tokens = gf.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise CorruptCheckpointError(f"{gf.path.name}: tokenizer.ggml.tokens is missing or not a list of strings")
@@ -246,7 +258,7 @@ def _merges_from_ranks(
     prefers the longer left part (as transformers' generate_merges orders them)."""
     found: list[tuple[float, int, int, int, str, str]] = []
     for token, rank in zip(tokens, ranks):
-        if token not in mergeable or ids.get(token) is None:
+        if token not in mergeable or len(token) > _MAX_MERGED_CHARS:
             continue
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]

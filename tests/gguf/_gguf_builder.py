@@ -86,15 +86,16 @@ def build_gguf(
     drop_tensors: tuple[str, ...] = (),
     extra_tensors: Mapping[str, np.ndarray] | None = None,
     tokenizer_pre: str = "gpt2",
+    omit_metadata: tuple[str, ...] = (),
 ) -> BuiltGGUF:
     config = json.loads((ckpt / "config.json").read_text())
     hf_weights = load_file(str(ckpt / "model.safetensors"))
     gemma = arch.startswith("gemma")
     writer = gguf.GGUFWriter(str(out), arch)
-    _write_metadata(writer, arch, config)
+    for key, value in {**_metadata(arch, config), **(extra_metadata or {})}.items():
+        if key not in omit_metadata:
+            _add_value(writer, key, value)
     _write_tokenizer(writer, ckpt, tokenizer_pre)
-    for key, value in (extra_metadata or {}).items():
-        _add_value(writer, key, value)
     effective, written = {}, {}
     if config.get("rope_scaling") and config["rope_scaling"].get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_factors(config))
@@ -128,40 +129,45 @@ def _to_gguf_layout(hf: str, w: np.ndarray, arch: str, config: dict, gemma: bool
     return w, lambda back: back
 
 
-def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
+def _metadata(arch: str, config: dict) -> dict[str, Any]:
+    """The ``{arch}.*`` keys llama.cpp writes for this config (ints as uint32, floats as float32)."""
     a = arch
-    writer.add_name("tiny-" + config["model_type"])
-    writer.add_uint32(f"{a}.block_count", config["num_hidden_layers"])
-    writer.add_uint32(f"{a}.context_length", config["max_position_embeddings"])
-    writer.add_uint32(f"{a}.embedding_length", config["hidden_size"])
-    writer.add_uint32(f"{a}.feed_forward_length", config["intermediate_size"])
-    writer.add_uint32(f"{a}.attention.head_count", config["num_attention_heads"])
-    writer.add_uint32(f"{a}.attention.head_count_kv", config["num_key_value_heads"])
-    writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    writer.add_float32(f"{a}.rope.freq_base", config["rope_theta"])
     head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    writer.add_uint32(f"{a}.attention.key_length", head_dim)
-    writer.add_uint32(f"{a}.attention.value_length", head_dim)
-    writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
-    writer.add_uint32("general.file_type", 0)
+    meta: dict[str, Any] = {
+        "general.name": "tiny-" + config["model_type"],
+        "general.file_type": 0,
+        f"{a}.block_count": config["num_hidden_layers"],
+        f"{a}.context_length": config["max_position_embeddings"],
+        f"{a}.embedding_length": config["hidden_size"],
+        f"{a}.feed_forward_length": config["intermediate_size"],
+        f"{a}.attention.head_count": config["num_attention_heads"],
+        f"{a}.attention.head_count_kv": config["num_key_value_heads"],
+        f"{a}.attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        f"{a}.rope.freq_base": float(config["rope_theta"]),
+        f"{a}.attention.key_length": head_dim,
+        f"{a}.attention.value_length": head_dim,
+        f"{a}.rope.dimension_count": head_dim,
+    }
     if config.get("query_pre_attn_scalar"):
-        writer.add_float32(f"{a}.attention.scale", 1.0 / math.sqrt(config["query_pre_attn_scalar"]))
+        meta[f"{a}.attention.scale"] = 1.0 / math.sqrt(config["query_pre_attn_scalar"])
     if a.startswith("gemma") and config.get("sliding_window"):
-        writer.add_uint32(f"{a}.attention.sliding_window", config["sliding_window"])
+        meta[f"{a}.attention.sliding_window"] = config["sliding_window"]
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key):
-            writer.add_float32(f"{a}.{key}", config[key])
+            meta[f"{a}.{key}"] = float(config[key])
     if a == "gemma3":
-        writer.add_float32(f"{a}.rope.freq_base_swa", config["rope_local_base_freq"])
+        meta[f"{a}.rope.freq_base_swa"] = float(config["rope_local_base_freq"])
         pattern = config["sliding_window_pattern"]
-        writer.add_array(f"{a}.attention.sliding_window_pattern",
-                         [bool((i + 1) % pattern) for i in range(config["num_hidden_layers"])])
+        meta[f"{a}.attention.sliding_window_pattern"] = [
+            bool((i + 1) % pattern) for i in range(config["num_hidden_layers"])
+        ]
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "linear":
-        writer.add_string(f"{a}.rope.scaling.type", "linear")
-        writer.add_float32(f"{a}.rope.scaling.factor", scaling["factor"])
+        meta[f"{a}.rope.scaling.type"] = "linear"
+        meta[f"{a}.rope.scaling.factor"] = float(scaling["factor"])
     if a == "phi3":
-        writer.add_uint32(f"{a}.rope.scaling.original_context_length", config["original_max_position_embeddings"])
+        meta[f"{a}.rope.scaling.original_context_length"] = config["original_max_position_embeddings"]
+    return meta
 
 
 def _llama3_factors(config: dict) -> np.ndarray:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from _gguf_builder import build_gguf, write_reference_checkpoint
 from gguf import GGMLQuantizationType as T
-
-from mlxserve.convert.gguf import convert_gguf
+from mlxserve.convert.gguf import convert_gguf, read_gguf
 from mlxserve.convert.quantize import QuantSpec, quantize_model
-from mlxserve.errors import ConvertError, UnsupportedModelError
+
+from mlxserve.errors import ConvertError, CorruptCheckpointError, UnsupportedModelError
 from mlxserve.models.loader import load_model
 
 # fixture arch -> GGUF architecture llama.cpp writes (Mistral is "llama" there)
@@ -103,7 +103,7 @@ def test_lossless_blocks_keep_the_gguf_weights(tiny_ckpt, tmp_path, arch):
     overrides = {k: v for k, v in result.quantization.items() if isinstance(v, dict)}
     assert overrides == {m: {"bits": 8, "group_size": 32, "mode": "affine"} for m in eight_bit}
     reference = write_reference_checkpoint(ckpt, built.weights, tmp_path / "ref")
-    # Same weights; quantized vs dense matmuls differ only in float32 rounding.
+    # Same weights; quantized vs dense matmuls differ only in float32 rounding (measured <= 3e-5).
     np.testing.assert_allclose(logits(tmp_path / "out"), logits(reference), rtol=0, atol=2e-4)
     dense = convert_gguf(built.path, tmp_path / "dense", quantize=False, dtype="float32")
     assert dense.lossless_tensors == 0
@@ -167,3 +167,53 @@ def test_bad_settings_are_refused_before_reading(tmp_path):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out", dtype="float64")
     with pytest.raises(ConvertError, match="--q-bits 7 is not valid"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out", bits=7)
+
+
+def test_gemma_without_attention_scale_uses_llama_cpp_rule(tiny_ckpt, tmp_path):
+    """llama.cpp scales Gemma queries by 1/sqrt(head_dim) unless the model is a 27B."""
+    built = build_gguf(tiny_ckpt("gemma2"), tmp_path / "m.gguf", "gemma2", omit_metadata=("gemma2.attention.scale",))
+    convert_gguf(built.path, tmp_path / "out", quantize=False, dtype="float32")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["query_pre_attn_scalar"] == 32
+
+
+def test_progress_reports_every_byte(tiny_ckpt, tmp_path):
+    built = build_gguf(tiny_ckpt("phi3"), tmp_path / "m.gguf", "phi3", types=lossless_types)
+    seen: dict[str, list[int]] = {}
+
+    def progress(total: int, label: str):
+        seen[label] = [total, 0]
+
+        def update(n: int) -> None:
+            seen[label][1] += n
+
+        return update
+
+    result = convert_gguf(built.path, tmp_path / "out", group_size=32, dtype="float32", progress=progress)
+    gguf_bytes = sum(t.nbytes for t in read_gguf(built.path).tensors.values())
+    assert seen["converting"] == [gguf_bytes, gguf_bytes]
+    total, done = seen["writing"]
+    assert done >= total > 0 and done == result.output_bytes
+
+
+def test_metadata_that_contradicts_the_tensors_is_corrupt(tiny_ckpt, tmp_path):
+    built = build_gguf(tiny_ckpt("qwen3"), tmp_path / "m.gguf", "qwen3", extra_metadata={"qwen3.feed_forward_length": 96})
+    with pytest.raises(CorruptCheckpointError) as info:
+        convert_gguf(built.path, tmp_path / "out", quantize=False)
+    assert str(info.value) == (
+        "m.gguf: tensors do not match the qwen3 model its metadata describes: "
+        "model.layers.0.mlp.down_proj.weight is (64, 128), expected (64, 96); "
+        "model.layers.0.mlp.gate_proj.weight is (128, 64), expected (96, 64); "
+        "model.layers.0.mlp.up_proj.weight is (128, 64), expected (96, 64) (+3 more)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("qwen3.attention.head_count", 0, "metadata qwen3.attention.head_count must be a positive integer, not '0'"),
+    ("qwen3.embedding_length", "wide", "metadata qwen3.embedding_length must be a positive integer, not 'wide'"),
+    ("qwen3.rope.freq_base", "fast", "metadata qwen3.rope.freq_base must be a number, not 'fast'"),
+])
+def test_bad_metadata_values_are_corrupt(tiny_ckpt, tmp_path, key, value, message):
+    built = build_gguf(tiny_ckpt("qwen3"), tmp_path / "m.gguf", "qwen3", extra_metadata={key: value})
+    with pytest.raises(CorruptCheckpointError, match=f"^m.gguf: {message}$"):
+        convert_gguf(built.path, tmp_path / "out", quantize=False)

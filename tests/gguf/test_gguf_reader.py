@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _gguf_builder import gguf_string, raw_gguf, raw_kv_u32, raw_tensor_info
-
 from mlxserve.convert.gguf.reader import read_gguf
+
 from mlxserve.errors import CorruptCheckpointError, UnsupportedModelError
 
 F32, Q4_0 = 0, 2

@@ -15,12 +15,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlxserve.convert.gguf import convert_gguf, gguf_to_hf_folder
 
 import mlxserve
-from mlxserve.convert.gguf import convert_gguf, gguf_to_hf_folder
 from mlxserve.models.loader import load_model
 from mlxserve.tokenizer.wrapper import Tokenizer
-
 
 
 def _installed_gguf() -> Path:
@@ -37,8 +36,8 @@ PROMPTS = [
     [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2],
     [504, 3458, 282, 4649, 314, 3215, 30, 378, 3458, 282, 6208, 314],
 ]
-# transformers and mlxserve both compute in float32 from the same dequantized weights.
-LOGITS_ATOL = 2e-3
+# transformers and mlxserve both compute in float32 from the same dequantized weights;
+LOGITS_ATOL = 5e-4  # measured max |Δ| 1.25e-4 on CPU (logits up to 35)
 TEXTS = [
     "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
     "Unicode: naïve café, Ελληνικά, 日本語のテキストです, 中文, 한국어, emoji 🙂👍🏽🚀.",
@@ -87,8 +86,9 @@ def hf_model():
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert (missing, unexpected) == (["lm_head.weight"], [])  # tied to the embeddings
     model.tie_weights()
-    model.model.rotary_emb.to_empty(device="cpu")  # meta buffers: recompute RoPE on the CPU
-    model.model.rotary_emb.__init__(model.config, device="cpu")
+    # Built on the meta device (no random init of 135M weights); RoPE's buffers are computed, not loaded.
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     return model.eval()
 
 
@@ -135,7 +135,8 @@ def test_lossless_conversion_keeps_the_gguf_weights(f32_dir, q4):
     for ids in PROMPTS:
         a = np.array(dense(mx.array([ids])))
         b = np.array(quantized(mx.array([ids])))
-        np.testing.assert_allclose(b, a, rtol=0, atol=2e-3)
+        # Same weight values: 0.0 difference measured on CPU; Metal's quantized kernels round differently.
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("which", ["f32", "q4"])

@@ -8,7 +8,6 @@ import pytest
 from _gguf_builder import llama_cpp_permute
 from gguf import GGMLQuantizationType as T
 from gguf import quants
-
 from mlxserve.convert.gguf.tensors import repack_blocks, unpermute_rows
 
 LOSSLESS = [(T.Q4_0, 4), (T.Q4_1, 4), (T.Q8_0, 8)]

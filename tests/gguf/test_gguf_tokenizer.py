@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from _gguf_builder import build_gguf, build_spm_tokenizer_gguf
 from fixtures.tokenizer import CORPUS_PATH
-
 from mlxserve.convert.gguf import convert_gguf
 from mlxserve.convert.gguf.reader import read_gguf
 from mlxserve.convert.gguf.tokenizer import build_tokenizer
+
 from mlxserve.tokenizer.wrapper import Tokenizer
 
 TEXTS = [
