@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlxserve.errors import ConvertError
 from mlxserve.models.loader import load_model, quantization_of
 
+from .gguf import convert_gguf, resolve_gguf_source
 from .hf import read_checkpoint, resolve_source
 from .quantize import QuantSpec, bits_per_weight, load_recipe, quantize_model
 from .save import save_model_dir
@@ -78,6 +79,9 @@ def convert(cfg: ConvertConfig, progress: ProgressFactory | None = None) -> Conv
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise ConvertError(f"output '{out}' already exists; pass --overwrite to replace it", param="output")
+    gguf = resolve_gguf_source(cfg.source)
+    if gguf is not None:
+        return _convert_gguf(gguf, cfg, progress, start)
     source = resolve_source(cfg.source, revision=cfg.revision)
     ckpt = read_checkpoint(source)
     _refuse_requantizing(ckpt.config, source, cfg)
@@ -96,6 +100,29 @@ def convert(cfg: ConvertConfig, progress: ProgressFactory | None = None) -> Conv
         output_bytes=saved.total_bytes, bits_per_weight=bits_per_weight(weight_bytes, ckpt.num_parameters),
         seconds=time.perf_counter() - start, quantization=quant_block, verify=report,
     )
+
+
+def _convert_gguf(gguf, cfg: ConvertConfig, progress: ProgressFactory | None, start: float) -> ConvertReport:
+    """GGUF files and Ollama models: Q4_0/Q4_1/Q8_0 kept losslessly, other types re-quantized."""
+    if cfg.recipe:
+        raise ConvertError("--quant-recipe is not supported for GGUF sources yet", param="quant_recipe")
+    if cfg.quantize and cfg.quant.mode != "affine":
+        raise ConvertError("GGUF sources convert to affine quantization only; drop --q-mode", param="q_mode")
+    result = convert_gguf(
+        gguf, Path(cfg.output), quantize=cfg.quantize, bits=cfg.quant.bits, group_size=cfg.quant.group_size,
+        dtype=cfg.dtype or default_float_dtype(), overwrite=cfg.overwrite, progress=progress,
+    )
+    return ConvertReport(
+        output=result.output, model_type=result.model_type, num_parameters=result.num_parameters,
+        output_bytes=result.output_bytes, bits_per_weight=bits_per_weight(result.output_bytes, result.num_parameters),
+        seconds=time.perf_counter() - start, quantization=result.quantization, verify=None,
+    )
+
+
+def default_float_dtype() -> str:
+    """float32 on a CPU (MLX's half-precision matmuls are far slower there), float16 on a GPU."""
+    on_gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+    return "float16" if on_gpu else "float32"
 
 
 def _refuse_requantizing(config: dict, source: Path, cfg: ConvertConfig) -> None:

