@@ -226,6 +226,33 @@ def _print_convert_report(report) -> None:
     typer.echo(str(report.output))
 
 
+@app.command()
+@cli_errors
+def perplexity(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + DEFAULT_HELP),
+    data: Path = typer.Option(..., "--data", "-d", help="Plain text file, or JSONL with a \"text\" field per line."),
+    context: int = typer.Option(512, "--context", help="Window length in tokens."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
+    dequantize: bool = typer.Option(
+        True, "--dequantize/--no-dequantize",
+        help="Run quantized layers as float32 holding exactly their quantized values (much faster on CPU).",
+    ),
+) -> None:
+    """Perplexity of a model on a text file (lower is better)."""
+    from mlxserve.api import load
+    from mlxserve.evaluate import dequantize_model, read_eval_tokens
+    from mlxserve.evaluate import perplexity as run_perplexity
+
+    warn_if_slow_blas()
+    model_obj, tokenizer = load(resolve_model_arg(model))
+    tokens = read_eval_tokens(data, tokenizer)
+    if dequantize:
+        dequantize_model(model_obj)
+    result = run_perplexity(model_obj, tokens, context=context, max_tokens=max_tokens)
+    typer.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats) over "
+               f"{result.num_tokens} tokens in {result.num_windows} windows of {context}")
+
+
 @app.command("models")
 @cli_errors
 def models_cmd() -> None:
