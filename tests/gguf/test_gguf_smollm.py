@@ -144,3 +144,18 @@ def test_greedy_answer_names_paris(f32_dir, q4, which):
     model, tokenizer = mlxserve.load(f32_dir if which == "f32" else q4.output)
     text = mlxserve.generate(model, tokenizer, QUESTION, max_tokens=20, temperature=0.0)
     assert text == "The capital of France is Paris."
+
+
+FACTS = [
+    ("What is the capital of Japan?", "Tokyo"),
+    ("How many days are in a week?", "7"),
+    ("What is the chemical symbol for water?", "H2O"),
+    ("What is 2 + 3?", "5"),
+]
+
+
+def test_factual_answers_contain_the_expected_words(f32_dir):
+    model, tokenizer = mlxserve.load(f32_dir)
+    for question, word in FACTS:
+        answer = mlxserve.generate(model, tokenizer, [{"role": "user", "content": question}], max_tokens=24)
+        assert word in answer.split() or word + "." in answer.split(), (question, answer)
