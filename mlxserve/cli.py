@@ -233,21 +233,21 @@ def perplexity(
     data: Path = typer.Option(..., "--data", "-d", help="Plain text file, or JSONL with a \"text\" field per line."),
     context: int = typer.Option(512, "--context", help="Window length in tokens."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
-    dequantize: bool = typer.Option(
-        True, "--dequantize/--no-dequantize",
-        help="Run quantized layers as float32 holding exactly their quantized values (much faster on CPU).",
+    float32: bool = typer.Option(
+        True, "--float32/--native-dtype",
+        help="Compute in float32, with quantized weights expanded exactly (much faster on CPU).",
     ),
 ) -> None:
     """Perplexity of a model on a text file (lower is better)."""
     from mlxserve.api import load
-    from mlxserve.evaluate import dequantize_model, read_eval_tokens
+    from mlxserve.evaluate import read_eval_tokens, to_float32
     from mlxserve.evaluate import perplexity as run_perplexity
 
     warn_if_slow_blas()
     model_obj, tokenizer = load(resolve_model_arg(model))
     tokens = read_eval_tokens(data, tokenizer)
-    if dequantize:
-        dequantize_model(model_obj)
+    if float32:
+        to_float32(model_obj)
     result = run_perplexity(model_obj, tokens, context=context, max_tokens=max_tokens)
     typer.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats) over "
                f"{result.num_tokens} tokens in {result.num_windows} windows of {context}")

@@ -2,9 +2,9 @@
 
 The token stream is cut into consecutive windows of ``context`` tokens (no overlap); inside each
 window every token after the first is predicted from the ones before it. Perplexity is
-exp(mean negative log-likelihood) over all predicted tokens. Quantized layers can be expanded to
-float32 first (``dequantize=True``): the weights keep exactly their quantized values, only the
-matmuls run in float32, which MLX's CPU backend does far faster than quantized matmuls.
+exp(mean negative log-likelihood) over all predicted tokens. ``to_float32`` runs a model in float32
+first: quantized weights keep exactly their quantized values and half-precision weights are upcast,
+only the arithmetic is float32, which MLX's CPU backend does far faster than quantized or float16.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> None:
             replacements.append((path, _dequantized(module, dtype)))
     if replacements:
         model.update_modules(_tree(replacements))
+
+
+def to_float32(model: nn.Module) -> None:
+    """Run a model in float32: quantized layers expanded exactly, half-precision weights upcast."""
+    from mlx.utils import tree_map
+
+    dequantize_model(model, mx.float32)
+    model.update(tree_map(lambda x: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x,
+                          model.parameters()))
 
 
 def _dequantized(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
