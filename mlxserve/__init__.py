@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "generate", "load", "stream_generate"]
+__all__ = ["LLM", "__version__", "generate", "load", "stream_generate"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from mlxserve import api
 
         return getattr(api, name)
+    if name == "LLM":
+        from mlxserve.engine.llm import LLM
+
+        return LLM
     raise AttributeError(f"module 'mlxserve' has no attribute {name!r}")

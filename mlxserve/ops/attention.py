@@ -46,6 +46,8 @@ def _softcapped_attention(
     scores = mx.tanh(scores.astype(mx.float32) / softcap) * softcap
     if isinstance(mask, str):
         mask = causal_mask(L, S)
+    elif mask is not None and mask.ndim == 4:  # (B, 1, L, S) -> broadcast over the head groups
+        mask = mask[:, :, None]
     if mask is not None:
         scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
     probs = mx.softmax(scores, axis=-1).astype(values.dtype)
