@@ -12,18 +12,29 @@ detokenizer, which then aborts the request in the engine (its pages are freed at
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from mlxserve.engine.core import EngineConfig, EngineCore
 from mlxserve.engine.request import EngineOutput, EngineRequest
+from mlxserve.errors import InvalidRequestError
 from mlxserve.generation.generate import Prompt, encode_prompt, make_sampling_params
 from mlxserve.io.source import resolve_model_path
 from mlxserve.models.loader import load_model
 from mlxserve.sampling.params import SamplingParams
 from mlxserve.tokenizer.detokenizer import IncrementalDetokenizer
 from mlxserve.tokenizer.wrapper import Tokenizer
+
+
+MAX_N = 16
+
+
+def _fork_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Fork ``index`` of a request: its own seed, so the n samples differ yet stay reproducible."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + index * 0x9E3779B1) % 2**63)
 
 
 @dataclass(frozen=True)
@@ -61,24 +72,40 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(
-        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **sampling: Any
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, *, n: int = 1, **sampling: Any
     ) -> list[CompletionResult]:
-        """Run every prompt to completion, batched; one result per prompt, in order."""
+        """Run every prompt to completion, batched; ``n`` results per prompt, prompt-major, in order.
+
+        The ``n`` samples of one prompt are forks: the first computes the prompt, the others start
+        once its pages are cached and share them. Each fork samples with its own seed.
+        """
+        if not 1 <= n <= MAX_N:
+            raise InvalidRequestError(f"`n` must be in [1, {MAX_N}], got {n}", param="n")
         params = make_sampling_params(params, **sampling)
         params.validate_for_vocab(self.tokenizer.vocab_size)
         pending: dict[str, _Pending] = {}
+        forks: dict[str, list[EngineRequest]] = {}  # first sample's id -> requests waiting for its prefill
         order = []
+        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(params.stop_token_ids)
         for prompt in prompts:
-            request_id = f"llm-{next(self._ids)}"
-            ids = encode_prompt(self.tokenizer, prompt)
-            eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(params.stop_token_ids)
-            self.engine.add_request(EngineRequest(request_id, tuple(ids), params, eos_token_ids=eos))
-            pending[request_id] = _Pending(IncrementalDetokenizer(self.tokenizer, stop=params.stop), len(ids), eos)
-            order.append(request_id)
+            ids = tuple(encode_prompt(self.tokenizer, prompt))
+            requests = [EngineRequest(f"llm-{next(self._ids)}", ids, _fork_params(params, i), eos_token_ids=eos)
+                        for i in range(n)]
+            self.engine.add_request(requests[0])
+            forks[requests[0].request_id] = requests[1:]
+            for request in requests:
+                pending[request.request_id] = _Pending(IncrementalDetokenizer(self.tokenizer, stop=params.stop), len(ids), eos)
+                order.append(request.request_id)
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
+                for fork in forks.pop(output.request_id, ()):  # its prompt pages are cached now
+                    self.engine.add_request(fork)
                 self._absorb(pending[output.request_id], output)
         return [pending[i].result for i in order]
+
+    @property
+    def metrics(self):
+        return self.engine.metrics()
 
     def _absorb(self, state: _Pending, output: EngineOutput) -> None:
         if state.result is not None:

@@ -107,3 +107,18 @@ def test_abort_frees_every_page(tiny_ckpt, when):
     assert engine.metrics().num_pages_used == 0
     engine.check_leaks()
     assert not engine.has_unfinished_requests()
+
+
+def test_n_forks_share_the_prompt_pages_and_sample_independently(tiny_ckpt):
+    ckpt = tiny_ckpt("llama")
+    llm = mlxserve.LLM(ckpt, **SMALL)
+    prompt = PROMPTS[2]  # 37 tokens: two full pages to share
+    results = llm.generate([prompt], n=3, max_tokens=8, temperature=1.0, seed=5)
+    assert len(results) == 3
+    assert [r.num_cached_tokens for r in results] == [0, 32, 32]
+    assert len({r.token_ids for r in results}) == 3  # different seeds, different samples
+    again = mlxserve.LLM(ckpt, **SMALL).generate([prompt], n=3, max_tokens=8, temperature=1.0, seed=5)
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]
+    greedy = llm.generate([prompt], n=2, max_tokens=8)
+    assert greedy[0].token_ids == greedy[1].token_ids
+    llm.engine.check_leaks()
