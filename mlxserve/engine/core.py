@@ -7,6 +7,7 @@ wraps it in an actor (later), the offline ``LLM`` API drives it directly.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -21,11 +22,13 @@ from mlxserve.errors import ConfigError
 from mlxserve.kv.paged_store import KVLayout, PagedKVStore
 
 DEFAULT_KV_MEMORY_GB = 1.0
+logger = logging.getLogger("mlxserve.engine")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     kv_memory_gb: float = DEFAULT_KV_MEMORY_GB  # KV cache budget, all layers
+    kv_memory_fraction: float | None = None  # instead: this fraction of the memory available now
     page_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -36,7 +39,30 @@ class EngineConfig:
     def validate(self) -> "EngineConfig":
         if not self.kv_memory_gb > 0:
             raise ConfigError(f"`kv_memory` must be positive, got {self.kv_memory_gb}", param="kv_memory")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 0.95:
+            raise ConfigError(
+                f"`kv_memory_fraction` must be in (0, 0.95], got {self.kv_memory_fraction}", param="kv_memory_fraction"
+            )
         return self
+
+    def kv_budget_bytes(self) -> int:
+        if self.kv_memory_fraction is not None:
+            return int(available_memory_bytes() * self.kv_memory_fraction)
+        return int(self.kv_memory_gb * 2**30)
+
+
+def available_memory_bytes() -> int:
+    """Memory a KV cache may take now: the GPU working set on a Mac, MemAvailable on Linux."""
+    if mx.metal.is_available():
+        info = mx.metal.device_info()
+        return int(info.get("max_recommended_working_set_size", info.get("memory_size", 0))) - mx.get_active_memory()
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ConfigError("cannot tell the available memory here; give `kv_memory` in GiB", param="kv_memory_fraction")
 
 
 def kv_layout(model: nn.Module) -> KVLayout:
@@ -53,10 +79,11 @@ class EngineCore:
         args = model.args
         layout = kv_layout(model)
         bytes_per_page = layout.bytes_per_token * config.page_size
-        num_pages = int(config.kv_memory_gb * 2**30 // bytes_per_page)
+        num_pages = config.kv_budget_bytes() // bytes_per_page
         if num_pages < 2:
             raise ConfigError(
-                f"`kv_memory` {config.kv_memory_gb} GiB holds no page of {bytes_per_page} bytes", param="kv_memory"
+                f"a KV budget of {config.kv_budget_bytes()} bytes holds no page of {bytes_per_page} bytes",
+                param="kv_memory",
             )
         max_model_len = config.max_model_len or int(args.max_position_embeddings)
         self.scheduler_config = SchedulerConfig(
@@ -72,6 +99,17 @@ class EngineCore:
         windows = [args.window_of(i) for i in range(args.num_hidden_layers)]
         self.runner = ModelRunner(model, self.store, windows)
         self.num_pages = num_pages
+        self.bytes_per_token = layout.bytes_per_token
+        logger.info(self.describe())
+
+    def describe(self) -> str:
+        """One line for start-up logs: the KV budget in bytes, pages and tokens."""
+        page = self.store.page_size
+        usable = (self.num_pages - 1) * page
+        return (
+            f"KV cache: {self.store.nbytes / 2**30:.2f} GiB, {self.num_pages - 1} pages of {page} tokens "
+            f"({usable} tokens, {self.bytes_per_token / 1024:.1f} KiB per token)"
+        )
 
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request)

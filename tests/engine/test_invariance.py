@@ -122,3 +122,19 @@ def test_n_forks_share_the_prompt_pages_and_sample_independently(tiny_ckpt):
     greedy = llm.generate([prompt], n=2, max_tokens=8)
     assert greedy[0].token_ids == greedy[1].token_ids
     llm.engine.check_leaks()
+
+
+def test_kv_budget_in_gib_or_as_a_fraction_of_available_memory(tiny_ckpt, monkeypatch):
+    from mlxserve.engine import core
+    from mlxserve.errors import ConfigError
+
+    model, _ = mlxserve.load(tiny_ckpt("llama"))
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16 x float32
+    engine = EngineCore(model, EngineConfig(kv_memory_gb=100 * 16 * per_token / 2**30))
+    assert engine.num_pages == 100 and engine.bytes_per_token == per_token
+    assert engine.describe() == "KV cache: 0.00 GiB, 99 pages of 16 tokens (1584 tokens, 0.5 KiB per token)"
+    monkeypatch.setattr(core, "available_memory_bytes", lambda: 1000 * 16 * per_token)
+    assert EngineCore(model, EngineConfig(kv_memory_fraction=0.5)).num_pages == 500
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(kv_memory_fraction=1.5).validate()
+    assert e.value.param == "kv_memory_fraction"
