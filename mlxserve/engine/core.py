@@ -91,12 +91,16 @@ class EngineCore:
             max_prefill_chunk=config.max_prefill_chunk, max_model_len=max_model_len,
         )
         self.scheduler_config.validate()
+        windows = [args.window_of(i) for i in range(args.num_hidden_layers)]
+        # Pages behind the window can be freed only when every layer slides (Mistral v0.1, Phi-3);
+        # gemma2/3 mix local and global layers, whose local layers just mask.
+        uniform_window = windows[0] if len(set(windows)) == 1 else None
         cache_config = CacheConfig(
             page_size=config.page_size, num_pages=num_pages, enable_prefix_caching=config.enable_prefix_caching,
+            sliding_window=uniform_window,
         )
         self.scheduler = Scheduler.from_config(self.scheduler_config, cache_config)
         self.store = PagedKVStore(layout, num_pages, config.page_size)
-        windows = [args.window_of(i) for i in range(args.num_hidden_layers)]
         self.runner = ModelRunner(model, self.store, windows)
         self.num_pages = num_pages
         self.bytes_per_token = layout.bytes_per_token

@@ -138,3 +138,19 @@ def test_kv_budget_in_gib_or_as_a_fraction_of_available_memory(tiny_ckpt, monkey
     with pytest.raises(ConfigError) as e:
         EngineConfig(kv_memory_fraction=1.5).validate()
     assert e.value.param == "kv_memory_fraction"
+
+
+def test_pages_behind_a_uniform_sliding_window_are_freed(tiny_ckpt):
+    ckpt = tiny_ckpt("mistral")  # every layer slides over 16 positions
+    model, _ = mlxserve.load(ckpt)
+    engine = EngineCore(model, EngineConfig(**SMALL))
+    engine.add_request(EngineRequest("a", tuple(PROMPTS[2]), SamplingParams(max_tokens=40)))
+    tokens, most_pages = [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.new_token_ids
+        most_pages = max(most_pages, engine.metrics().num_pages_used)
+    assert len(tokens) == 40  # 37 + 40 positions would need 5 pages of 16 without freeing
+    assert most_pages <= 3  # the window (16 positions) spans at most 2 pages, plus the page being written
+    assert tokens == _alone(ckpt, [PROMPTS[2]], max_tokens=40)[0]
+    engine.check_leaks()
