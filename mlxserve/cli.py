@@ -1,4 +1,4 @@
-"""The ``mlxserve`` command line: generate, chat, convert.
+"""The ``mlxserve`` command line: generate, chat, convert, serve.
 
 Heavy imports (mlx, the converter) happen inside each command so ``mlxserve --help`` is instant.
 Every user error ends as one line on stderr and a non-zero exit, never a traceback
@@ -280,6 +280,55 @@ def rm_cmd(name: str = typer.Argument(..., help="Name of a cached model (see `ml
 
     path = remove_model(name)
     typer.echo(f"removed {name} ({path})")
+
+
+@app.command()
+@cli_errors
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + DEFAULT_HELP),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", help="The name clients send as `model` (default: the model folder's name)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; non-loopback needs --api-key."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="Require 'Authorization: Bearer KEY' on every route but /health."
+    ),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback bind without a key."),
+    max_running: int = typer.Option(64, "--max-running", help="Requests generating at once."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond those; more get 503."),
+    kv_memory: float = typer.Option(1.0, "--kv-memory", help="KV cache budget in GiB."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context cap (default: the model's)."),
+    cors_origin: list[str] = typer.Option(
+        [], "--cors-origin", help="Browser origin allowed to call the API (repeatable); default: CORS off."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    from mlxserve.engine.async_engine import AsyncEngineConfig
+    from mlxserve.engine.core import EngineConfig
+    from mlxserve.io.source import resolve_model_path
+    from mlxserve.server.config import ServerConfig
+    from mlxserve.server.launch import default_served_name, run_server
+
+    def server_config(name: str) -> ServerConfig:
+        return ServerConfig(
+            served_model_name=name, host=host, port=port, api_key=api_key, insecure_no_auth=insecure_no_auth,
+            cors_origins=tuple(cors_origin),
+        ).validate()
+
+    server_config(served_model_name or "model")  # refuse a bad bind before loading anything
+    engine_config = EngineConfig(kv_memory_gb=kv_memory, max_num_seqs=max_running, max_model_len=max_model_len,
+                                 max_num_batched_tokens=max(2048, max_running))
+    async_config = AsyncEngineConfig(max_queue=max_queue)
+    warn_if_slow_blas()
+    model_arg = resolve_model_arg(model)
+    path = resolve_model_path(model_arg)
+    name = served_model_name or default_served_name(model_arg, path)
+    code = run_server(path, server_config(name), engine_config.validate(), async_config.validate(),
+                      echo=lambda line: typer.echo(line, err=True), log_level=log_level)
+    if code:
+        fail("the engine stopped; exiting so a supervisor can restart the server", code)
 
 
 def main() -> None:

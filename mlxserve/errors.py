@@ -80,3 +80,70 @@ class HubUnavailableError(ModelNotFoundError):
 
 class TemplateError(InvalidRequestError):
     """A chat template failed to render (syntax error, sandbox violation, time or size limit)."""
+
+
+# ---- server-side errors (raised by the API side of the server and its engine facade) -------------
+
+
+class AuthenticationError(MlxServeError):
+    """A request to a key-protected server lacks the right API key."""
+
+    http_status, openai_type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class PermissionDeniedError(MlxServeError):
+    """The request's Host (DNS rebinding guard) or origin is not allowed."""
+
+    http_status, openai_type, code = 403, "invalid_request_error", "forbidden"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+    http_status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The request body is not JSON."""
+
+    http_status, code = 415, "unsupported_media_type"
+
+
+class ServiceUnavailableError(MlxServeError):
+    """The server cannot take this request now; ``retry_after`` (seconds) goes into the Retry-After header."""
+
+    http_status, openai_type, code = 503, "server_error", "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class OverloadedError(ServiceUnavailableError):
+    """Every running slot and queue place is taken."""
+
+    code = "server_is_overloaded"
+
+
+class ModelLoadingError(ServiceUnavailableError):
+    """The model is still loading."""
+
+    code = "model_loading"
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    """The server is draining or stopping and admits no new requests."""
+
+    code = "shutting_down"
+
+
+class EngineDeadError(ServiceUnavailableError):
+    """The engine loop has died; the process must be restarted."""
+
+    code = "engine_unavailable"
+
+
+class EngineStepError(ServiceUnavailableError):
+    """The engine step that carried this request failed (e.g. an allocation failure); others go on."""
+
+    code = "generation_failed"
