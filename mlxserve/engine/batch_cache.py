@@ -2,62 +2,79 @@
 
 Models call ``cache.offset`` (RoPE positions) and ``cache.update(k, v) -> AttentionInputs``. Here
 each row of the batch is one request with its own start position and block table: new K/V rows are
-scattered into their pages, then the row's whole context is gathered back and masked. This is the
+scattered into their pages, then the row's context is gathered back and masked. This is the
 reference path (gather + MLX's fused attention); a paged Metal kernel can replace it per layer.
+
+The index arrays and masks are built once per forward, on the host with numpy (a handful of
+small copies), and shared by every layer: built with MLX ops they would cost a dozen lazy ops per
+layer, which on the CPU backend is a visible share of a small model's decode step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from mlxserve.kv.paged_store import PagedKVStore
 from mlxserve.models.cache import AttentionInputs
 
 
+class RowSpec(Protocol):
+    start: int  # position of the row's first new token
+    num_new: int  # new tokens this forward
+    block_ids: Sequence[int]  # the request's block table
+
+
 @dataclass(frozen=True)
 class BatchLayout:
-    """Where one forward's tokens live. B rows padded to L tokens; S = gathered context slots."""
+    """Where one forward's tokens live. B rows padded to L tokens; S = context slots gathered per row.
 
-    offsets: mx.array  # (B,) position of each row's first new token
-    slot_mapping: mx.array  # (B * L,) int32 slot of every new token (padding -> null page)
-    context_slots: mx.array  # (B, S) int32 slot of every context position (padding -> null page)
-    q_pos: mx.array  # (B, L) position of each query
-    context_lens: mx.array  # (B,) tokens of context per row after this step
+    S covers the longest context of the batch rounded up to whole pages, not the longest block
+    table: pages allocated ahead of the context are neither gathered nor attended to.
+    """
+
+    offsets: mx.array  # (B,) int32 position of each row's first new token
+    write_rows: mx.array  # (B * 2 * H_kv * L, 1) int32 arena rows of the new tokens (padding -> null page)
+    page_rows: mx.array  # (B, 2 * H_kv, S / page_size) int32 pages of each row's context (past its table -> null page)
+    masks: dict[int | None, mx.array]  # sliding window (None: none) -> (B, 1, L, S) bool, True = attend
 
     @classmethod
-    def build(cls, rows: list, page_size: int) -> "BatchLayout":
-        """rows: objects with .start (int), .num_new (int), .block_ids (list[int])."""
-        L = max(r.num_new for r in rows)
-        P = max(len(r.block_ids) for r in rows)
-        slots = []
-        for r in rows:
-            slots += [_slot(r.block_ids, r.start + i, page_size) for i in range(r.num_new)]
-            slots += [0] * (L - r.num_new)  # padding writes to the null page
-        tables = mx.array([list(r.block_ids) + [0] * (P - len(r.block_ids)) for r in rows], dtype=mx.int32)
-        context_slots = (tables[:, :, None] * page_size + mx.arange(page_size, dtype=mx.int32)).reshape(len(rows), -1)
-        offsets = mx.array([r.start for r in rows], dtype=mx.int32)
+    def build(cls, rows: Sequence[RowSpec], store: PagedKVStore, windows: Iterable[int | None] = (None,)) -> BatchLayout:
+        """``windows``: the distinct sliding windows of the model's layers (None: a full-attention layer)."""
+        B, page_size = len(rows), store.page_size
+        starts = np.fromiter((r.start for r in rows), np.int64, B)
+        num_new = np.fromiter((r.num_new for r in rows), np.int64, B)
+        ends = starts + num_new  # (B,) context length after this forward
+        L, P = int(num_new.max()), -(-int(ends.max()) // page_size)
+        tables = np.zeros((B, P), np.int64)  # pages past a row's table stay 0: the null page
+        for b, r in enumerate(rows):
+            ids = r.block_ids[:P]
+            tables[b, : len(ids)] = ids
+        q_pos = starts[:, None] + np.arange(L)  # (B, L) position of each query
+        pages = tables[np.arange(B)[:, None], np.minimum(q_pos // page_size, P - 1)]
+        slots = pages * page_size + q_pos % page_size
+        if L > 1:
+            slots[np.arange(L) >= num_new[:, None]] = 0  # padding writes to the null page
         return cls(
-            offsets=offsets,
-            slot_mapping=mx.array(slots, dtype=mx.int32),
-            context_slots=context_slots,
-            q_pos=offsets[:, None] + mx.arange(L, dtype=mx.int32)[None, :],
-            context_lens=mx.array([r.start + r.num_new for r in rows], dtype=mx.int32),
+            offsets=mx.array(starts.astype(np.int32)),
+            write_rows=mx.array(store.write_rows(slots).astype(np.int32)),
+            page_rows=mx.array(store.page_rows(tables).astype(np.int32)),
+            masks={w: mx.array(_mask(q_pos, ends, P * page_size, w)) for w in windows},
         )
 
-    def mask(self, window: int | None) -> mx.array:
-        """(B, 1, L, S) bool: causal, inside the row's context, and inside the sliding window."""
-        k_pos = mx.arange(self.context_slots.shape[1], dtype=mx.int32)[None, None, :]
-        q = self.q_pos[:, :, None]
-        keep = (k_pos <= q) & (k_pos < self.context_lens[:, None, None])
-        if window is not None:
-            keep = keep & (k_pos > q - window)
-        return keep[:, None]
 
-
-def _slot(block_ids: list[int], pos: int, page_size: int) -> int:
-    return block_ids[pos // page_size] * page_size + pos % page_size
+def _mask(q_pos: np.ndarray, ends: np.ndarray, S: int, window: int | None) -> np.ndarray:
+    """(B, 1, L, S) bool: causal, inside the row's context, and inside the sliding window."""
+    k_pos = np.arange(S)[None, None, :]
+    q = q_pos[:, :, None]
+    keep = (k_pos <= q) & (k_pos < ends[:, None, None])
+    if window is not None:
+        keep &= k_pos > q - window
+    return keep[:, None]
 
 
 class PagedLayerCache:
@@ -66,13 +83,11 @@ class PagedLayerCache:
     def __init__(self, store: PagedKVStore, layer: int, layout: BatchLayout, window: int | None) -> None:
         self.store, self.layer, self.layout, self.window = store, layer, layout, window
         self.offset = layout.offsets
+        self.read: mx.array | None = None  # this layer's gather: once evaluated, the arena may be written again
 
     def update(self, keys: mx.array, values: mx.array) -> AttentionInputs:
         """keys, values: (B, H_kv, L, D) of the new tokens -> the whole context of each row."""
-        B, H, L, D = keys.shape
-        flat_k = keys.transpose(0, 2, 1, 3).reshape(B * L, H, D)
-        flat_v = values.transpose(0, 2, 1, 3).reshape(B * L, H, values.shape[-1])
-        self.store.write(self.layer, flat_k, flat_v, self.layout.slot_mapping)
-        k, v = self.store.gather(self.layer, self.layout.context_slots)  # (B, S, H_kv, D)
-        mask = self.layout.mask(self.window)
-        return AttentionInputs(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        self.store.write(self.layer, keys, values, self.layout.write_rows)
+        k, v = self.store.gather_pages(self.layer, self.layout.page_rows)  # (B, H_kv, S, D)
+        self.read = k
+        return AttentionInputs(k, v, self.layout.masks[self.window])
