@@ -1,4 +1,4 @@
-"""Proposed for tests/engine/test_invariance.py: the decode lookahead and its slow twin."""
+"""The decode lookahead against its slow twin (the synchronous step), and arenas that never move."""
 
 from __future__ import annotations
 
