@@ -17,14 +17,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from safetensors.numpy import save_file
 
-__all__ = ["CheckpointSpec", "SPECS", "DEFAULT_CACHE_DIR", "ensure_checkpoint"]
+__all__ = ["DEFAULT_CACHE_DIR", "SPECS", "CheckpointSpec", "ensure_checkpoint"]
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlxserve-bench"
 _FORMAT_VERSION = 1  # bump when the written files change, so stale caches are rebuilt

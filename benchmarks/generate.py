@@ -14,8 +14,10 @@ tokens (the checkpoints define no EOS) and are timed the same way, from outside 
 * prompt tok/s = prompt tokens / time to the first response (TTFT, prefill + first sample);
 * decode tok/s = (N - 1) / (time of the N-th response - time of the first one).
 
-One warm-up run of each, then ``--repeats`` timed runs of each, alternated (A B, B A, A B, ...) so
-slow drifts in machine load hit both alike; the table shows medians and the
+Both models are loaded twice, once in each order (the model loaded first in a process decoded a few
+percent slower on our test VM, whichever library it was). After each load: one warm-up run of each,
+then ``--repeats`` timed runs of each, alternated (A B, B A, ...) so slow drifts in machine load hit
+both alike. The table shows medians over all 2 x ``--repeats`` runs and the
 ratio mlxserve / mlx-lm (> 1 means mlxserve is faster), plus the ratio of the best runs (less
 sensitive to other processes on a shared machine). Both runs must produce the same greedy
 token ids; a mismatch is reported as a warning (float32 rounding can flip a near-tie).
@@ -29,13 +31,13 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _checkpoints import DEFAULT_CACHE_DIR, SPECS, CheckpointSpec, ensure_checkpoint  # noqa: E402
+from _checkpoints import DEFAULT_CACHE_DIR, SPECS, CheckpointSpec, ensure_checkpoint
 
 DEFAULT_PROMPT_TOKENS = {"tiny": 128, "qwen": 128}
 DEFAULT_GEN_TOKENS = {"tiny": 256, "qwen": 64}
@@ -82,30 +84,25 @@ def time_stream(make_stream: Callable[[], Iterable], token_of: Callable[[object]
     return RunTiming(tuple(tokens), stamps[0] - start, stamps[-1] - stamps[0])
 
 
-def make_runners(folder: Path, prompt_ids: list[int], num_gen: int) -> dict[str, Callable[[], RunTiming]]:
-    """One zero-argument runner per library, each with its own model and tokenizer loaded."""
+def load_runner(lib: str, folder: Path, prompt_ids: list[int], num_gen: int) -> Callable[[], RunTiming]:
+    """Load ``lib``'s model and tokenizer from ``folder``; return a zero-argument timed run."""
+    if lib == "mlxserve":
+        import mlxserve.api
+
+        model, tokenizer = mlxserve.api.load(folder)
+        return lambda: time_stream(
+            lambda: mlxserve.api.stream_generate(model, tokenizer, prompt_ids, max_tokens=num_gen, temperature=0.0),
+            lambda r: r.token,
+        )
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    import mlxserve.api
-
-    ours_model, ours_tok = mlxserve.api.load(folder)
-    theirs_model, theirs_tok = mlx_lm.load(str(folder))
+    model, tokenizer = mlx_lm.load(str(folder))
     greedy = make_sampler(temp=0.0)
-
-    def run_ours() -> RunTiming:
-        return time_stream(
-            lambda: mlxserve.api.stream_generate(ours_model, ours_tok, prompt_ids, max_tokens=num_gen, temperature=0.0),
-            lambda r: r.token,
-        )
-
-    def run_theirs() -> RunTiming:
-        return time_stream(
-            lambda: mlx_lm.stream_generate(theirs_model, theirs_tok, prompt_ids, max_tokens=num_gen, sampler=greedy),
-            lambda r: r.token,
-        )
-
-    return {"mlxserve": run_ours, "mlx-lm": run_theirs}
+    return lambda: time_stream(
+        lambda: mlx_lm.stream_generate(model, tokenizer, prompt_ids, max_tokens=num_gen, sampler=greedy),
+        lambda r: r.token,
+    )
 
 
 def bench_checkpoint(key: str, spec: CheckpointSpec, args: argparse.Namespace) -> list[Row]:
@@ -118,19 +115,31 @@ def bench_checkpoint(key: str, spec: CheckpointSpec, args: argparse.Namespace) -
     print(f"[{spec.name}] checkpoint {folder} ({time.perf_counter() - t0:.1f}s)", flush=True)
     # Ids above the 256 byte symbols: each one is a whole word token in both tokenizers.
     prompt_ids = np.random.default_rng(1).integers(256, spec.vocab_size, num_prompt).tolist()
-    runners = make_runners(folder, prompt_ids, num_gen)
     timings: dict[str, list[RunTiming]] = {lib: [] for lib in LIBRARIES}
-    for lib in LIBRARIES:  # warm-up: compile kernels, fault in weights
-        _check_length(lib, runners[lib](), num_gen)
-    for r in range(args.repeats):
+    # Two sessions, each library loaded first in one of them: on the VMs we measured on, the model
+    # loaded first decoded a few percent slower whichever library it was (where its weights land
+    # in memory), so a single load order would bias the comparison.
+    for load_order in (LIBRARIES, LIBRARIES[::-1]):
+        runners = {lib: load_runner(lib, folder, prompt_ids, num_gen) for lib in load_order}
+        _run_session(spec.name, runners, args.repeats, num_gen, timings)
+        del runners
+        gc.collect()
+    _check_same_tokens(spec.name, timings)
+    return _rows(spec.name, timings, num_prompt, num_gen)
+
+
+def _run_session(name: str, runners: dict, repeats: int, num_gen: int, timings: dict[str, list[RunTiming]]) -> None:
+    """One warm-up run of each library, then ``repeats`` timed runs of each, alternating."""
+    first = next(iter(runners))
+    for lib, run in runners.items():  # warm-up: compile kernels, fault in weights
+        _check_length(lib, run(), num_gen)
+    for r in range(repeats):
         # A B, B A, A B ...: alternating who goes first cancels slow drifts (thermal, other load).
         for lib in LIBRARIES if r % 2 == 0 else LIBRARIES[::-1]:
             timing = _check_length(lib, runners[lib](), num_gen)
             timings[lib].append(timing)
-            print(f"[{spec.name}] run {r + 1} {lib:8s} ttft {timing.ttft_s * 1e3:8.1f} ms  "
+            print(f"[{name}] loaded first: {first:8s} run {r + 1} {lib:8s} ttft {timing.ttft_s * 1e3:8.1f} ms  "
                   f"decode {timing.decode_tps():8.1f} tok/s", flush=True)
-    _check_same_tokens(spec.name, timings)
-    return _rows(spec.name, timings, num_prompt, num_gen)
 
 
 def _check_length(lib: str, timing: RunTiming, num_gen: int) -> RunTiming:
@@ -180,7 +189,7 @@ def format_table(rows: Sequence[Row]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(SPECS), help="benchmark one checkpoint only")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per library (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per library and load order (default 3)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default: 128)")
     parser.add_argument("--gen-tokens", type=int, help="tokens to generate (default: tiny 256, qwen 64)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where checkpoints are cached")
